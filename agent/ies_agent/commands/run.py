@@ -1,0 +1,45 @@
+"""``ies-agent run --config FILE``: run the agent on a site until stopped."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    """Add the ``run`` arguments."""
+    parser.add_argument("--config", required=True, help="site configuration (TOML)")
+    parser.add_argument(
+        "--data-dir", default=None, help="override the data directory of the site file"
+    )
+
+
+def main(args: argparse.Namespace) -> int:
+    """Run until SIGTERM or SIGINT; return 0 after a clean shutdown, 1 on bad config."""
+    import asyncio
+    import signal
+    from pathlib import Path
+
+    from ies_agent.config import ConfigError, load_site
+    from ies_agent.evidence.errors import EvidenceError
+    from ies_agent.runtime import run_site
+
+    try:
+        site = load_site(args.config)
+    except ConfigError as exc:
+        print(exc)
+        return 1
+
+    async def run() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        data_dir = Path(args.data_dir) if args.data_dir else None
+        await run_site(site, stop, data_dir=data_dir)
+
+    try:
+        asyncio.run(run())
+    except EvidenceError as exc:
+        print(f"ies-agent run: {exc}")
+        return 1
+    return 0

@@ -1,0 +1,1 @@
+"""``ies-agent demo``: a complete simulated site in one process, no hardware."""

@@ -1,0 +1,255 @@
+"""Assemble the demo site: simulators on loopback, a site file, the real agent."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from zoneinfo import ZoneInfo
+
+from ies_agent.demo.physics import SiteModel, Snapshot, meter_quantities
+from ies_agent.demo.simulator import (
+    Heartbeat,
+    SerialLine,
+    SunSpecInverter,
+    TemplateMeter,
+    grid_meter,
+    house_meter,
+    open_serial_line,
+    sim_device,
+)
+
+TZ = "Asia/Kolkata"
+GATEWAY_ID = "demo-gw-0001"
+
+
+class DemoError(Exception):
+    """Raised when the demo cannot start (data directory in use, key problem, …)."""
+
+
+def ev_meter(snap: Snapshot) -> dict[str, Any]:
+    """Quantities of the EV charger sub-meter: it charges while the house load peaks.
+
+    Its energy register is a fixed share of the house's, so it only ever rises.
+    """
+    charging_w = 3300.0 if snap.load_w > 1400 else 0.0
+    return meter_quantities(charging_w, snap.counters.house_wh * 0.31, 0.0, snap)
+
+
+@dataclass
+class DemoPorts:
+    """Where the simulators listen in this run."""
+
+    grid_meter: int
+    inverter: int
+    serial_port: str | None
+    rtu_over_tcp: int | None
+
+
+@asynccontextmanager
+async def simulators(data_dir: Path, stop: asyncio.Event) -> AsyncIterator[DemoPorts]:
+    """Start the simulated devices on free loopback ports; stop them on exit."""
+    from pymodbus import FramerType
+    from pymodbus.server import ModbusSerialServer, ModbusTcpServer
+
+    from ies_drivers.templates import find_template
+
+    sim_dir = data_dir / "simulator"
+    sim_dir.mkdir(parents=True, exist_ok=True)
+    model = SiteModel(sim_dir / "site-state.json", ZoneInfo(TZ))
+    sdm630 = find_template("eastron-sdm630", ())
+    rish = find_template("rish-master-3430", ())
+    grid = TemplateMeter(1, sdm630, grid_meter)
+    inverter = SunSpecInverter(1)
+    house = TemplateMeter(5, rish, house_meter)
+    charger = TemplateMeter(6, sdm630, ev_meter)
+    heartbeat = Heartbeat(model, [grid, inverter, house, charger])
+    heartbeat.tick()
+
+    servers: list[Any] = []
+    line: SerialLine | None = None
+    try:
+        grid_server = ModbusTcpServer(sim_device(1, grid), address=("127.0.0.1", 0))
+        inverter_server = ModbusTcpServer(
+            sim_device(1, inverter), address=("127.0.0.1", 0)
+        )
+        servers += [grid_server, inverter_server]
+        line_devices = [sim_device(5, house), sim_device(6, charger)]
+        line = open_serial_line(sim_dir)
+        if line is not None:
+            servers.append(
+                ModbusSerialServer(
+                    line_devices, port=line.device_port, baudrate=19200, timeout=1
+                )
+            )
+        else:
+            servers.append(
+                ModbusTcpServer(
+                    line_devices, framer=FramerType.RTU, address=("127.0.0.1", 0)
+                )
+            )
+        for server in servers:
+            await server.serve_forever(background=True)
+        ports = DemoPorts(
+            grid_meter=_port(grid_server),
+            inverter=_port(inverter_server),
+            serial_port=line.agent_port if line else None,
+            rtu_over_tcp=None if line else _port(servers[2]),
+        )
+        async with asyncio.TaskGroup() as group:
+            group.create_task(heartbeat.run(stop), name="demo:heartbeat")
+            try:
+                yield ports
+            finally:
+                stop.set()
+    finally:
+        for server in servers:
+            with contextlib.suppress(Exception):
+                await server.shutdown()
+        if line is not None:
+            line.close()
+
+
+def _port(server: Any) -> int:
+    """Return the TCP port a started pymodbus server listens on."""
+    port: int = server.transport.sockets[0].getsockname()[1]
+    return port
+
+
+def site_file(data_dir: Path, ports: DemoPorts, interval_s: int) -> str:
+    """Return the site configuration (TOML) describing this run's simulators."""
+    if ports.serial_port is not None:
+        line = (
+            'kind = "rtu"\n'
+            f'serial_port = "{ports.serial_port}"\n'
+            "baudrate = 19200\n"
+            "gap_ms = 5\n"
+        )
+    else:
+        line = f'kind = "rtu-over-tcp"\nhost = "127.0.0.1"\nport = {ports.rtu_over_tcp}\n'
+    return f"""\
+# Written by `ies-agent demo` for this run: simulated devices on loopback ports.
+# Check it with: ies-agent config check {data_dir / "site.toml"}
+
+[gateway]
+id = "{GATEWAY_ID}"
+timezone = "{TZ}"
+interval = "{interval_s}s"
+data_dir = "."
+demo = true
+
+[[buses]]
+id = "lan-grid-meter"
+kind = "tcp"
+host = "127.0.0.1"
+port = {ports.grid_meter}
+timeout_s = 1.0
+
+[[buses]]
+id = "lan-inverter"
+kind = "tcp"
+host = "127.0.0.1"
+port = {ports.inverter}
+timeout_s = 1.0
+
+[[buses]]
+id = "rs485"
+{line}timeout_s = 0.5
+
+[[devices]]
+id = "grid-meter"
+bus = "lan-grid-meter"
+unit = 1
+template = "eastron-sdm630"
+poll_s = 2
+
+[[devices]]
+id = "inverter"
+bus = "lan-inverter"
+unit = 1
+template = "sunspec-inverter"
+poll_s = 2
+
+[[devices]]
+id = "house-meter"
+bus = "rs485"
+unit = 5
+template = "rish-master-3430"
+poll_s = 3
+
+[[devices]]
+id = "ev-meter"
+bus = "rs485"
+unit = 6
+template = "eastron-sdm630"
+poll_s = 3
+"""
+
+
+async def run_demo(data_dir: Path, *, duration_s: float | None, interval_s: int) -> int:
+    """Run the demo site for ``duration_s`` seconds (None: until a signal)."""
+    from ies_agent.config import ConfigError, load_site
+    from ies_agent.evidence.errors import EvidenceError
+    from ies_agent.runtime import run_site
+
+    data_dir = data_dir.resolve()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    if duration_s is not None:
+        loop.call_later(duration_s, stop.set)
+
+    async with simulators(data_dir, stop) as ports:
+        site_path = data_dir / "site.toml"
+        site_path.write_text(site_file(data_dir, ports, interval_s))
+        try:
+            site = load_site(site_path)
+        except ConfigError as exc:
+            raise DemoError(f"the generated site file is invalid:\n{exc}") from None
+        _banner(data_dir, ports, interval_s, duration_s)
+        try:
+            result = await run_site(site, stop, data_dir=data_dir)
+        except EvidenceError as exc:
+            raise DemoError(str(exc)) from None
+
+    print(
+        f"\ndemo stopped: {result.entries} evidence entries in {data_dir}, "
+        f"{result.intervals} intervals this run.\n"
+        "What to run next:\n"
+        f"  ies-agent verify {data_dir}                # check the signed log offline\n"
+        f"  ies-agent keys show --data-dir {data_dir}  # the key card for the utility\n"
+        f"  ies-agent prove {data_dir} --seq 3         # disclose one entry with proof\n"
+        f"  ies-agent export {data_dir} --format ocmf  # signed OCMF records\n"
+        f"  ies-agent demo --data-dir {data_dir}       # continue this site's log"
+    )
+    return 0
+
+
+def _banner(
+    data_dir: Path, ports: DemoPorts, interval_s: int, duration_s: float | None
+) -> None:
+    """Tell the user what runs where, and how to look at it."""
+    line = (
+        f"RTU on {ports.serial_port} (socat pseudo-terminal pair)"
+        if ports.serial_port
+        else f"RTU over TCP on 127.0.0.1:{ports.rtu_over_tcp} (socat not installed)"
+    )
+    until = f"for {duration_s:g} s" if duration_s else "until Ctrl-C"
+    print(
+        f"IES edge agent demo — simulated site, evidence every {interval_s} s, {until}\n"
+        f"  grid meter   Modbus TCP 127.0.0.1:{ports.grid_meter} (Eastron SDM630 map)\n"
+        f"  inverter     Modbus TCP 127.0.0.1:{ports.inverter} (SunSpec 1/103/120/123)\n"
+        f"  house meter  {line}, unit 5 (Rishabh Master 3430 map)\n"
+        f"  EV meter     same RS-485 line, unit 6 (Eastron SDM630 map)\n"
+        f"  evidence log {data_dir / 'evidence.jsonl'}\n"
+        f"  site file    {data_dir / 'site.toml'}\n"
+        f"While it runs: ies-agent read --config {data_dir / 'site.toml'} inverter",
+        flush=True,
+    )

@@ -1,0 +1,1696 @@
+"""The offline verifier of evidence logs and disclosure bundles.
+
+Pure Python plus ``cryptography``: everything a utility needs is the log (or a bundle
+from ``ies-agent prove``) and the gateway's registered public key. :func:`verify_path`
+accepts
+
+* a data directory (``evidence.jsonl``, ``checkpoints.jsonl``, ``keys/key-card.json``),
+* a directory laid out like the worked example (``entries.jsonl``, ``*.note``,
+  ``*.vkey``),
+* a log file (``*.jsonl``; checkpoints and keys are looked up beside it), or
+* a disclosure bundle (JSON with ``entry``, ``leaf_index``, ``tree_size``, ``proof``,
+  ``checkpoint``).
+
+It returns a :class:`Report` of :class:`Finding` s, each naming the ``seq`` it concerns.
+Errors are integrity failures: an entry whose bytes are not canonical or were altered,
+entries missing, duplicated or out of order, a checkpoint whose signature or root does
+not hold, checkpoints that shrink, a log shorter than a checkpoint signed earlier
+(rollback). Warnings are what a reader should know but that does not break the
+evidence: entries not yet covered by a checkpoint, a key taken from the directory
+instead of pinned, crash recoveries, interval slots without a reading (explained by a
+read error or an outage, or not), cumulative registers that go down, clock steps.
+
+How an altered entry is named. Entries written by the agent carry ``prev``, the SHA-256
+of the line before; changing any byte of entry N changes its hash, so entry N+1's
+``prev`` no longer matches and N is named. When the ``prev`` field itself was changed,
+the links on both sides of that entry break and the entry between them is named. The
+last entry has no successor: there the root of the covering checkpoint fails and the
+finding names the last signed entry. Entries without ``prev`` (the worked example) can
+only be placed within the range between two checkpoints.
+
+Interval slots are aligned to the local wall clock of the boot event's ``tz``
+(``(t + utc offset) mod interval``), as the scheduler does in zones without daylight
+saving.
+
+Errors::
+
+    EvidenceError (ies_agent.evidence.errors)
+    └── VerifyInputError   PATH, a key file or a reference checkpoint cannot be used
+                           at all (missing, not a log, not a key): a usage problem,
+                           not a finding about the evidence
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from decimal import Decimal
+from pathlib import Path
+from typing import Any, TypeGuard
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from ies_agent.evidence import merkle, note
+from ies_agent.evidence.canonical import parse_entry
+from ies_agent.evidence.errors import (
+    EvidenceError,
+    EvidenceFormatError,
+    NoteError,
+    ProofError,
+)
+
+ERROR = "error"
+WARNING = "warning"
+
+LOG_FILE = "evidence.jsonl"
+CHECKPOINTS_FILE = "checkpoints.jsonl"
+KEY_CARD = Path("keys") / "key-card.json"
+EXAMPLE_LOG_FILE = "entries.jsonl"
+
+TIME_STEP_LIMIT_MS = 2000
+"""Disagreement (ms) between wall-clock and monotonic time that counts as a step."""
+TIME_STEP_LOOKAHEAD = 4
+"""Entries after a step within which a ``time_step``/``time_sync`` event explains it."""
+
+READING_STATES = frozenset("GNTESL")
+TIME_QUALITIES = frozenset("SIU")
+EXPLAINS_CUMULATIVE = frozenset({"read_error", "config_change", "source"})
+"""Events (for the same source; ``config_change`` for all) that explain a decrease."""
+
+
+class VerifyInputError(EvidenceError):
+    """PATH, a key file or a reference checkpoint cannot be used at all."""
+
+
+@dataclass(frozen=True, slots=True)
+class Finding:
+    """One result of verification, about the entry ``seq`` (``None``: the whole log)."""
+
+    seq: int | None
+    severity: str
+    """``error`` (integrity failure) or ``warning``."""
+    code: str
+    """Stable machine name, e.g. ``altered``, ``missing``, ``unprotected``."""
+    message: str
+
+    def line(self) -> str:
+        """Return the finding as one human-readable line."""
+        where = f"seq {self.seq}" if self.seq is not None else "log"
+        return f"{where}: {self.severity}: {self.message}"
+
+    def to_json(self) -> dict[str, Any]:
+        """Return the finding as a JSON-ready dict."""
+        return {
+            "seq": self.seq,
+            "severity": self.severity,
+            "code": self.code,
+            "message": self.message,
+        }
+
+
+@dataclass
+class Report:
+    """What verification of one PATH found."""
+
+    path: str
+    kind: str
+    """``log`` or ``bundle``."""
+    entries: int = 0
+    """Complete entry lines read (a bundle has one)."""
+    checkpoints: int = 0
+    """Checkpoints read."""
+    signed_size: int = 0
+    """Entries covered by the largest checkpoint that verified."""
+    trusted_keys: list[str] = field(default_factory=list)
+    """Labels (``name+keyid``) of the keys trusted for this run."""
+    pinned: bool = True
+    """False when the keys came from the directory itself, not from ``--key``."""
+    findings: list[Finding] = field(default_factory=list)
+
+    @property
+    def errors(self) -> list[Finding]:
+        """Findings of severity ``error``."""
+        return [f for f in self.findings if f.severity == ERROR]
+
+    @property
+    def warnings(self) -> list[Finding]:
+        """Findings of severity ``warning``."""
+        return [f for f in self.findings if f.severity == WARNING]
+
+    @property
+    def ok(self) -> bool:
+        """True when no integrity failure was found (warnings allowed)."""
+        return not any(f.severity == ERROR for f in self.findings)
+
+    def summary(self) -> str:
+        """Return a one-line verdict with counts."""
+        verdict = "OK" if self.ok else "FAILED"
+        errors, warnings = len(self.errors), len(self.warnings)
+        if self.kind == "bundle":
+            what = "disclosure bundle"
+        else:
+            what = (
+                f"{self.entries} entries, {self.checkpoints} checkpoints, "
+                f"signed through seq {self.signed_size - 1}"
+                if self.signed_size
+                else f"{self.entries} entries, {self.checkpoints} checkpoints, "
+                "none signed"
+            )
+        keys = ", ".join(self.trusted_keys) or "none"
+        pinned = "" if self.pinned else " (not pinned)"
+        return (
+            f"{verdict}: {errors} error{'s' * (errors != 1)}, {warnings} "
+            f"warning{'s' * (warnings != 1)}; {what}; keys: {keys}{pinned}"
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        """Return the report as a JSON-ready dict."""
+        return {
+            "path": self.path,
+            "kind": self.kind,
+            "ok": self.ok,
+            "entries": self.entries,
+            "checkpoints": self.checkpoints,
+            "signed_size": self.signed_size,
+            "trusted_keys": self.trusted_keys,
+            "pinned": self.pinned,
+            "errors": len(self.errors),
+            "warnings": len(self.warnings),
+            "findings": [f.to_json() for f in self.findings],
+        }
+
+
+# --- inputs ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class CheckpointRecord:
+    """A signed checkpoint as read from a file, before it is checked."""
+
+    note: str
+    declared_size: int | None
+    """The ``size`` written beside the note in ``checkpoints.jsonl``, if any."""
+    where: str
+    """Where it came from, for messages (``checkpoints.jsonl line 3``)."""
+
+
+def load_verifiers(path: Path) -> list[note.NoteVerifier]:
+    """Read the keys in ``path``: a signed-note verifier key (one per line) or a key
+    card (JSON with ``vkey`` and optionally ``retired`` keys, each with ``vkey``).
+
+    Raises ``VerifyInputError`` when the file cannot be read or holds no usable key.
+    """
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise VerifyInputError(f"cannot read key file {path}: {exc}") from None
+    vkeys: list[str] = []
+    if text.lstrip().startswith("{"):
+        try:
+            card = json.loads(text)
+        except ValueError:
+            raise VerifyInputError(f"key card {path} is not valid JSON") from None
+        if not isinstance(card, dict) or not isinstance(card.get("vkey"), str):
+            raise VerifyInputError(
+                f"key card {path} has no 'vkey' (signed-note verifier key)"
+            )
+        vkeys.append(card["vkey"])
+        for retired in card.get("retired") or []:
+            if isinstance(retired, dict) and isinstance(retired.get("vkey"), str):
+                vkeys.append(retired["vkey"])
+    else:
+        vkeys = [line for line in text.splitlines() if line.strip()]
+    if not vkeys:
+        raise VerifyInputError(f"key file {path} holds no key")
+    verifiers = []
+    for vkey in vkeys:
+        try:
+            verifiers.append(note.parse_vkey(vkey))
+        except NoteError as exc:
+            raise VerifyInputError(f"key file {path}: {exc}") from None
+    return verifiers
+
+
+def read_checkpoint_file(path: Path) -> list[CheckpointRecord]:
+    """Read checkpoints from ``path``: a ``checkpoints.jsonl`` or one signed note.
+
+    A torn last line of ``checkpoints.jsonl`` (no newline) is skipped. Raises
+    ``VerifyInputError`` when the file cannot be read.
+    """
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        raise VerifyInputError(f"cannot read checkpoints {path}: {exc}") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise VerifyInputError(f"checkpoints file {path} is not UTF-8") from None
+    if not text.strip():
+        return []
+    if not text.lstrip().startswith("{"):
+        return [CheckpointRecord(text, None, str(path))]
+    records = []
+    lines = text.split("\n")
+    complete = lines[:-1]  # the piece after the last newline is empty or torn
+    for number, line in enumerate(complete, start=1):
+        where = f"{Path(path).name} line {number}"
+        if not line:
+            records.append(CheckpointRecord("", None, where))
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError:
+            record = None
+        if (
+            not isinstance(record, dict)
+            or not isinstance(record.get("note"), str)
+            or not isinstance(record.get("size"), int)
+        ):
+            records.append(CheckpointRecord("", None, where))
+            continue
+        records.append(CheckpointRecord(record["note"], record["size"], where))
+    return records
+
+
+# --- entry points ---------------------------------------------------------------------
+
+
+def verify_path(
+    path: Path,
+    *,
+    keys: Sequence[Path] = (),
+    checkpoints: Sequence[Path] = (),
+) -> Report:
+    """Verify the log, data directory or bundle at ``path``.
+
+    ``keys`` are files of trusted keys (verifier keys or key cards); without them the
+    keys found beside the log are used and the report warns that they are not
+    pinned. ``checkpoints`` are checkpoints obtained earlier (a note or a
+    ``checkpoints.jsonl``), e.g. from upstream; the log must still contain what they
+    signed, which detects replacement by an older copy. Raises ``VerifyInputError``
+    when ``path`` is neither a log nor a bundle, or a key or checkpoint file cannot be
+    used; everything wrong *inside* the evidence is a finding in the report.
+    """
+    path = Path(path)
+    pinned = [v for key_path in keys for v in load_verifiers(key_path)]
+    references = [r for ref in checkpoints for r in read_checkpoint_file(ref)]
+    if path.is_dir():
+        return _verify_directory(path, pinned, references)
+    if not path.exists():
+        raise VerifyInputError(f"{path} does not exist")
+    try:
+        head = path.read_bytes()[:4096].lstrip()
+    except OSError as exc:
+        raise VerifyInputError(f"cannot read {path}: {exc}") from None
+    if head.startswith(b"{") and not head.startswith(b'{"'):
+        return _verify_bundle_file(path, pinned)
+    if head.startswith(b"{"):
+        # A pretty-printed bundle starts with '{\n'; a log line with '{"'. A one-line
+        # bundle is told apart by its keys.
+        try:
+            candidate = json.loads(path.read_text(encoding="utf-8"))
+        except ValueError:
+            candidate = None
+        if isinstance(candidate, dict) and "proof" in candidate:
+            return _verify_bundle_file(path, pinned)
+    return _verify_log_file(path, path.parent, pinned, references)
+
+
+def _verify_directory(
+    directory: Path,
+    pinned: list[note.NoteVerifier],
+    references: list[CheckpointRecord],
+) -> Report:
+    log_path, _ = find_log(directory)
+    return _verify_log_file(log_path, directory, pinned, references)
+
+
+def find_log(path: Path) -> tuple[Path, Path]:
+    """Return (log file, directory with its checkpoints and keys) for ``path``, a
+    data directory, a worked-example-like directory or a log file.
+
+    Raises ``VerifyInputError`` when there is no log there.
+    """
+    path = Path(path)
+    if path.is_dir():
+        for name in (LOG_FILE, EXAMPLE_LOG_FILE):
+            if (path / name).is_file():
+                return path / name, path
+        raise VerifyInputError(
+            f"{path} holds no evidence log ({LOG_FILE} or {EXAMPLE_LOG_FILE})"
+        )
+    if path.is_file():
+        return path, path.parent
+    raise VerifyInputError(f"{path} does not exist")
+
+
+def directory_checkpoints(directory: Path) -> list[CheckpointRecord]:
+    """Return the checkpoints kept in ``directory``: ``checkpoints.jsonl``, else the
+    ``*.note`` files (in name order)."""
+    if (directory / CHECKPOINTS_FILE).exists():
+        return read_checkpoint_file(directory / CHECKPOINTS_FILE)
+    records = []
+    for note_path in sorted(directory.glob("*.note")):
+        records.extend(read_checkpoint_file(note_path))
+    return records
+
+
+def directory_keys(directory: Path) -> tuple[list[note.NoteVerifier], str]:
+    """Return the keys found in ``directory`` and where they came from."""
+    card = directory / KEY_CARD
+    if card.exists():
+        return load_verifiers(card), str(card)
+    vkey_files = sorted(directory.glob("*.vkey")) or sorted(
+        (directory / "keys").glob("*.vkey")
+    )
+    verifiers = [v for path in vkey_files for v in load_verifiers(path)]
+    return verifiers, ", ".join(str(p) for p in vkey_files)
+
+
+def _verify_log_file(
+    log_path: Path,
+    directory: Path,
+    pinned: list[note.NoteVerifier],
+    references: list[CheckpointRecord],
+) -> Report:
+    try:
+        data = log_path.read_bytes()
+    except OSError as exc:
+        raise VerifyInputError(f"cannot read {log_path}: {exc}") from None
+    records = directory_checkpoints(directory)
+    findings: list[Finding] = []
+    if pinned:
+        verifiers, is_pinned = pinned, True
+    else:
+        verifiers, source = directory_keys(directory)
+        is_pinned = False
+        if not verifiers:
+            raise VerifyInputError(
+                f"no key given and none found beside {log_path}: pass the gateway's "
+                "registered key with --key FILE (a .vkey file or key card)"
+            )
+        findings.append(
+            Finding(
+                None,
+                WARNING,
+                "key_not_pinned",
+                f"no --key given: trusting the key(s) in {source}, which whoever "
+                "could edit the log could also replace; pass the gateway's "
+                "registered key with --key to pin it",
+            )
+        )
+    report = verify_log(
+        data, records, verifiers, references=references, path=str(log_path)
+    )
+    report.pinned = is_pinned
+    report.findings[:0] = findings
+    return report
+
+
+# --- bundles --------------------------------------------------------------------------
+
+
+def _verify_bundle_file(path: Path, pinned: list[note.NoteVerifier]) -> Report:
+    try:
+        bundle = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise VerifyInputError(f"cannot read bundle {path}: {exc}") from None
+    if not isinstance(bundle, dict) or "entry" not in bundle:
+        raise VerifyInputError(
+            f"{path} is neither an evidence log nor a bundle from 'ies-agent prove'"
+        )
+    findings: list[Finding] = []
+    verifiers = list(pinned)
+    if not verifiers:
+        hints = bundle.get("keys")
+        if isinstance(hints, list):
+            for hint in hints:
+                vkey = hint.get("vkey") if isinstance(hint, dict) else hint
+                if isinstance(vkey, str):
+                    try:
+                        verifiers.append(note.parse_vkey(vkey))
+                    except NoteError:
+                        continue
+        if not verifiers:
+            raise VerifyInputError(
+                f"bundle {path} names no key: pass the gateway's registered key with "
+                "--key FILE"
+            )
+        findings.append(
+            Finding(
+                None,
+                WARNING,
+                "key_not_pinned",
+                "no --key given: trusting the keys the bundle itself names; pass the "
+                "gateway's registered key with --key to pin it",
+            )
+        )
+    report = verify_bundle(bundle, verifiers, path=str(path))
+    report.pinned = bool(pinned)
+    report.findings[:0] = findings
+    return report
+
+
+def verify_bundle(
+    bundle: Mapping[str, Any],
+    verifiers: Sequence[note.NoteVerifier],
+    *,
+    path: str = "<bundle>",
+) -> Report:
+    """Verify a disclosure bundle: one entry, its inclusion proof and the signed
+    checkpoint whose tree holds it.
+
+    Never raises for bad evidence: everything is a finding in the returned report.
+    """
+    report = Report(path=path, kind="bundle", entries=1, checkpoints=1)
+    report.trusted_keys = [v.label for v in verifiers]
+    findings = report.findings
+    index = bundle.get("leaf_index")
+    seq = index if _is_int(index) else None
+
+    def fail(code: str, message: str) -> Report:
+        findings.append(Finding(seq, ERROR, code, message))
+        return report
+
+    entry_text = bundle.get("entry")
+    size = bundle.get("tree_size")
+    raw_proof = bundle.get("proof")
+    note_text = bundle.get("checkpoint")
+    if not (
+        isinstance(entry_text, str)
+        and _is_int(index)
+        and _is_int(size)
+        and isinstance(raw_proof, list)
+        and isinstance(note_text, str)
+    ):
+        return fail(
+            "bundle_malformed",
+            "bundle needs 'entry' (text), 'leaf_index' and 'tree_size' (integers), "
+            "'proof' (list) and 'checkpoint' (signed note)",
+        )
+    try:
+        opened = note.open_note(note_text, verifiers)
+        checkpoint = note.parse_checkpoint(opened.text)
+    except NoteError as exc:
+        return fail("checkpoint_signature", f"bundle checkpoint: {exc}")
+    if not opened.verified_by:
+        return fail(
+            "checkpoint_untrusted",
+            f"bundle checkpoint is not signed by a trusted key ({opened.unknown_sigs} "
+            "signature(s) by other keys)",
+        )
+    report.signed_size = checkpoint.size
+    if checkpoint.size != size:
+        return fail(
+            "checkpoint_size_mismatch",
+            f"bundle says tree_size {size}, its checkpoint signs {checkpoint.size}",
+        )
+    raw = entry_text.encode("utf-8")
+    try:
+        entry = parse_entry(raw)
+    except EvidenceFormatError as exc:
+        return fail("bad_line", f"disclosed entry: {exc}")
+    if entry.get("seq") != index:
+        return fail(
+            "seq_mismatch",
+            f"disclosed entry says seq {entry.get('seq')!r}, the proof is for leaf "
+            f"{index}",
+        )
+    problem = _shape_problem(entry)
+    if problem is not None:
+        return fail("bad_entry", f"disclosed entry is not valid: {problem}")
+    try:
+        proof = [
+            merkle.decode_hash(item, f"proof[{n}]") for n, item in enumerate(raw_proof)
+        ]
+        included = merkle.verify_inclusion(
+            merkle.leaf_hash(raw), index, size, proof, checkpoint.root
+        )
+    except ProofError as exc:
+        return fail("proof", f"inclusion proof: {exc}")
+    if not included:
+        return fail(
+            "proof",
+            f"the entry is not leaf {index} of the signed tree of {size} entries: the "
+            "entry or its proof was altered",
+        )
+    return report
+
+
+# --- the log --------------------------------------------------------------------------
+
+
+def verify_log(
+    data: bytes,
+    checkpoints: Sequence[CheckpointRecord],
+    verifiers: Sequence[note.NoteVerifier],
+    *,
+    references: Sequence[CheckpointRecord] = (),
+    path: str = "<log>",
+) -> Report:
+    """Verify log bytes ``data`` against ``checkpoints`` signed by ``verifiers``.
+
+    ``references`` are checkpoints obtained earlier from elsewhere (rollback check).
+    Never raises for bad evidence: everything is a finding in the returned report.
+    """
+    return _LogCheck(data, checkpoints, verifiers, references, path).run()
+
+
+@dataclass
+class _Line:
+    """One stored line and what is known about it."""
+
+    raw: bytes
+    entry: dict[str, Any] | None
+    declared: int | None
+    label: int = -1
+    """The ``seq`` this line is reported as."""
+    structural: bool = False
+    """Misplaced: missing before it, duplicated, out of order or relabelled."""
+
+
+def _b64_sha256(raw: bytes) -> str:
+    return base64.b64encode(hashlib.sha256(raw).digest()).decode("ascii")
+
+
+class _LogCheck:
+    """One verification run over a log; ``run`` does the phases in order."""
+
+    def __init__(
+        self,
+        data: bytes,
+        checkpoints: Sequence[CheckpointRecord],
+        verifiers: Sequence[note.NoteVerifier],
+        references: Sequence[CheckpointRecord],
+        path: str,
+    ) -> None:
+        self.data = data
+        self.records = list(checkpoints)
+        self.references = list(references)
+        self.trusted = list(verifiers)
+        self.report = Report(path=path, kind="log")
+        self.lines: list[_Line] = []
+        self.findings: list[Finding] = []
+        self._reported: set[tuple[int | None, str]] = set()
+        self._parse_errors: list[tuple[int, str]] = []
+        self._last_link_broken = False
+        self.blamed: dict[int, int] = {}
+        """Stored line position -> seq named by an error about that line."""
+        self._torn = b""
+
+    def add(
+        self,
+        seq: int | None,
+        severity: str,
+        code: str,
+        message: str,
+        *,
+        pos: int | None = None,
+    ) -> None:
+        """Record a finding once per (seq, code); ``pos`` is the stored line it
+        blames, remembered so a failing checkpoint can name it."""
+        if pos is not None and severity == ERROR and seq is not None:
+            self.blamed.setdefault(pos, seq)
+        if (seq, code) in self._reported:
+            return
+        self._reported.add((seq, code))
+        self.findings.append(Finding(seq, severity, code, message))
+
+    def run(self) -> Report:
+        self._read_lines()
+        self._place_lines()
+        self._check_chain()
+        _EntryCheck(self).run()
+        self._check_checkpoints()
+        report = self.report
+        report.entries = len(self.lines)
+        report.checkpoints = len(self.records)
+        report.trusted_keys = [v.label for v in self.trusted]
+        report.findings = sorted(
+            self.findings,
+            key=lambda f: (f.seq is not None, f.seq or 0, f.severity != ERROR),
+        )
+        return report
+
+    # --- phase 1: lines ---------------------------------------------------------------
+
+    def _read_lines(self) -> None:
+        pieces = self.data.split(b"\n")
+        torn = pieces.pop()  # empty when the file ends with a newline
+        for raw in pieces:
+            try:
+                entry: dict[str, Any] | None = parse_entry(raw)
+                error = None
+            except EvidenceFormatError as exc:
+                entry, error = None, str(exc)
+            declared = None
+            if entry is not None:
+                seq = entry.get("seq")
+                if isinstance(seq, int) and not isinstance(seq, bool) and seq >= 0:
+                    declared = seq
+            if error is not None:
+                self._parse_errors.append((len(self.lines), error))
+            self.lines.append(_Line(raw, entry, declared))
+        self._torn = torn
+
+    # --- phase 2: where each line belongs ---------------------------------------------
+
+    def _place_lines(self) -> None:
+        lines = self.lines
+        counts: dict[int, int] = {}
+        for line in lines:
+            if line.declared is not None:
+                counts[line.declared] = counts.get(line.declared, 0) + 1
+        declared_set = set(counts)
+        seen: dict[int, int] = {}  # seq -> position of its first line
+        highest = -1
+        for pos, line in enumerate(lines):
+            expected = highest + 1
+            declared = line.declared
+            next_declared = lines[pos + 1].declared if pos + 1 < len(lines) else None
+            if declared is None or declared == expected:
+                line.label = expected
+            elif next_declared == expected + 1 and counts.get(expected, 0) == 0:
+                # The neighbours agree this is entry `expected`: its seq field changed.
+                line.label = expected
+                line.structural = True
+                self.add(
+                    expected,
+                    ERROR,
+                    "seq_mismatch",
+                    f"entry stored as seq {expected} (between its neighbours) says "
+                    f"seq {declared}: it was altered",
+                    pos=pos,
+                )
+            else:
+                line.label = declared
+                line.structural = True
+                if declared in seen:
+                    first = lines[seen[declared]]
+                    same = first.raw == line.raw
+                    self.add(
+                        declared,
+                        ERROR,
+                        "duplicate",
+                        f"entry seq {declared} is stored twice (lines "
+                        f"{seen[declared] + 1} and {pos + 1})"
+                        f"{'' if same else ' with different content'}",
+                        pos=pos,
+                    )
+                elif declared < expected:
+                    self.add(
+                        declared,
+                        ERROR,
+                        "out_of_order",
+                        f"entry seq {declared} is stored after seq {highest} "
+                        f"(line {pos + 1}): entries were reordered",
+                        pos=pos,
+                    )
+                else:
+                    missing = [
+                        s for s in range(expected, declared) if s not in declared_set
+                    ]
+                    if missing:
+                        self._report_missing(missing, declared, pos)
+                    else:
+                        self.add(
+                            declared,
+                            ERROR,
+                            "out_of_order",
+                            f"entry seq {declared} is stored before seq {expected} "
+                            f"(line {pos + 1}): entries were reordered",
+                            pos=pos,
+                        )
+            seen.setdefault(line.label, pos)
+            highest = max(highest, line.label)
+        for pos, error in self._parse_errors:
+            self.add(
+                lines[pos].label, ERROR, "bad_line", f"{error}: it was altered", pos=pos
+            )
+        if self._torn:
+            self.add(
+                highest + 1,
+                WARNING,
+                "torn_tail",
+                f"the log ends in an incomplete line ({len(self._torn)} bytes without "
+                "a newline): a write was cut off; the agent cuts it at its next start",
+            )
+
+    def _report_missing(self, missing: list[int], before: int, pos: int) -> None:
+        # Group consecutive seqs into ranges.
+        start = prev = missing[0]
+        for seq in [*missing[1:], None]:
+            if seq is not None and seq == prev + 1:
+                prev = seq
+                continue
+            what = (
+                f"entry seq {start}"
+                if start == prev
+                else f"entries seq {start}..{prev}"
+            )
+            self.add(
+                start,
+                ERROR,
+                "missing",
+                f"{what} {'is' if start == prev else 'are'} missing (the log jumps to "
+                f"seq {before}): deleted",
+                pos=pos,
+            )
+            if seq is not None:
+                start = prev = seq
+
+    # --- phase 3: the prev chain ------------------------------------------------------
+
+    def _check_chain(self) -> None:
+        lines = self.lines
+        breaks: list[int] = []  # position p: line p-1 does not hash to line p's prev
+        has_prev = False
+        for pos in range(1, len(lines)):
+            line = lines[pos]
+            if line.entry is None:
+                continue
+            prev = line.entry.get("prev")
+            if prev is None:
+                if has_prev and not line.structural:
+                    self.add(
+                        line.label,
+                        WARNING,
+                        "no_prev",
+                        "entry has no 'prev' although earlier entries do",
+                    )
+                continue
+            has_prev = True
+            before = lines[pos - 1]
+            if prev == _b64_sha256(before.raw):
+                continue
+            if line.structural or before.structural or before.entry is None:
+                continue  # already reported as misplaced or unreadable
+            breaks.append(pos)
+        broken = set(breaks)
+        for pos in breaks:
+            if pos - 1 in broken:
+                continue  # consumed by the double break below
+            if pos + 1 in broken:
+                label = lines[pos].label
+                self.add(
+                    label,
+                    ERROR,
+                    "altered",
+                    "entry was altered: its 'prev' does not match the entry before it "
+                    "and its hash does not match the 'prev' of the entry after it",
+                    pos=pos,
+                )
+            elif pos == len(lines) - 1:
+                # The last link: the entry before, or the last entry's own 'prev',
+                # was changed; a checkpoint may tell which (see _check_checkpoints).
+                self._last_link_broken = True
+            else:
+                self._blame_before_link(pos)
+
+    def _blame_before_link(self, pos: int) -> None:
+        """Name the entry before ``pos`` as altered: its hash no longer matches."""
+        lines = self.lines
+        self.add(
+            lines[pos - 1].label,
+            ERROR,
+            "altered",
+            f"entry was altered: its SHA-256 does not match the 'prev' of the next "
+            f"entry (seq {lines[pos].label})",
+            pos=pos - 1,
+        )
+
+    def _resolve_last_link(self, good_sizes: Sequence[int]) -> None:
+        """Blame the last link's break on one side when a checkpoint vouches for the
+        other, else on both."""
+        lines = self.lines
+        last = len(lines) - 1
+        if max(good_sizes, default=0) >= last:
+            # The entry before the last is signed intact: the last one changed.
+            self.add(
+                lines[last].label,
+                ERROR,
+                "altered",
+                "entry was altered: its 'prev' does not match the entry before it, "
+                "which a checkpoint signed intact",
+                pos=last,
+            )
+            return
+        self._blame_before_link(last)
+        self.add(
+            lines[last].label,
+            ERROR,
+            "altered",
+            f"the 'prev' of this last entry does not match seq {lines[last - 1].label}:"
+            " one of the two was altered (no checkpoint tells which)",
+            pos=last,
+        )
+
+    # --- phase 4: checkpoints ---------------------------------------------------------
+
+    def _check_checkpoints(self) -> None:
+        lines = self.lines
+        rotations = self._rotations()
+        opened: list[tuple[CheckpointRecord, note.Checkpoint | None]] = []
+        origin: str | None = None
+        for record in self.records:
+            checkpoint = self._open(record, rotations, opened)
+            if checkpoint is not None:
+                if origin is None:
+                    origin = checkpoint.origin
+                elif checkpoint.origin != origin:
+                    self.add(
+                        checkpoint.size - 1 if checkpoint.size else None,
+                        ERROR,
+                        "checkpoint_origin",
+                        f"{record.where}: checkpoint names log {checkpoint.origin!r}, "
+                        f"earlier ones {origin!r}",
+                    )
+            opened.append((record, checkpoint))
+
+        references: list[tuple[CheckpointRecord, note.Checkpoint]] = []
+        for record in self.references:
+            checkpoint = self._open_reference(record)
+            if checkpoint is not None:
+                references.append((record, checkpoint))
+
+        # Roots of the stored lines at every size a checkpoint names.
+        sizes = {c.size for _, c in opened if c is not None}
+        sizes.update(c.size for _, c in references)
+        roots = _roots_at(lines, sizes)
+
+        # Sizes never shrink; each root matches the lines.
+        largest = 0
+        signed = 0
+        first_bad: int | None = None
+        later_bad = 0
+        good_sizes = [0]
+        for record, checkpoint in opened:
+            if checkpoint is None:
+                continue
+            size = checkpoint.size
+            seq = size - 1 if size else None
+            if size < largest:
+                self.add(
+                    seq,
+                    ERROR,
+                    "checkpoint_shrinks",
+                    f"{record.where}: checkpoint of {size} entries follows one of "
+                    f"{largest}: the log went back",
+                )
+            largest = max(largest, size)
+            if size > len(lines):
+                self.add(
+                    len(lines),
+                    ERROR,
+                    "checkpoint_beyond_log",
+                    f"{record.where}: checkpoint signs {size} entries but the log "
+                    f"holds {len(lines)}: "
+                    + (
+                        "entries were removed (see above)"
+                        if self.blamed
+                        else f"{_seq_range(len(lines), size - 1)} gone (the log was "
+                        "cut short or replaced by an older copy)"
+                    ),
+                )
+                continue
+            if roots[size] == checkpoint.root:
+                signed = max(signed, size)
+                good_sizes.append(size)
+                continue
+            if first_bad is None or size < first_bad:
+                if first_bad is not None:
+                    later_bad += 1
+                first_bad = size
+            else:
+                later_bad += 1
+        if self._last_link_broken:
+            self._resolve_last_link(good_sizes)
+        if first_bad is not None:
+            low = max((s for s in good_sizes if s < first_bad), default=0)
+            self._report_bad_root(low, first_bad, later_bad)
+        self.report.signed_size = signed
+
+        for record, checkpoint in references:
+            self._check_reference(record, checkpoint, roots, largest)
+
+        if not self.records:
+            if lines:
+                self.add(
+                    None,
+                    WARNING,
+                    "no_checkpoint",
+                    f"no checkpoint found: none of the {len(lines)} entries is "
+                    "protected by a signature",
+                )
+        elif min(largest, len(lines)) < len(lines):
+            start, end = largest, len(lines) - 1
+            self.add(
+                lines[start].label,
+                WARNING,
+                "unprotected",
+                f"{_seq_range(start, end)} not covered by a checkpoint yet "
+                f"({end - start + 1} after the last one): not yet protected by a "
+                "signature",
+            )
+
+    def _rotations(self) -> list[tuple[int, str, str]]:
+        """Return (position, old vkey, new vkey) of every ``key_rotation`` event."""
+        found = []
+        for pos, line in enumerate(self.lines):
+            entry = line.entry
+            if entry is None or entry.get("ev") != "key_rotation":
+                continue
+            old, new = entry.get("old_vkey"), entry.get("new_vkey")
+            if isinstance(old, str) and isinstance(new, str):
+                found.append((pos, old, new))
+        return found
+
+    def _open(
+        self,
+        record: CheckpointRecord,
+        rotations: list[tuple[int, str, str]],
+        opened: list[tuple[CheckpointRecord, note.Checkpoint | None]],
+    ) -> note.Checkpoint | None:
+        """Check one checkpoint's signatures and body; trust keys handed over."""
+        seq = record.declared_size - 1 if record.declared_size else None
+        if not record.note:
+            self.add(
+                seq,
+                ERROR,
+                "checkpoint_malformed",
+                f"{record.where}: not a checkpoint record ({{'note', 'size'}})",
+            )
+            return None
+        self._trust_handovers(rotations, opened)
+        try:
+            result = note.open_note(record.note, self.trusted)
+            checkpoint = note.parse_checkpoint(result.text)
+        except NoteError as exc:
+            self.add(seq, ERROR, "checkpoint_signature", f"{record.where}: {exc}")
+            return None
+        seq = checkpoint.size - 1 if checkpoint.size else None
+        if not result.verified_by:
+            self.add(
+                seq,
+                ERROR,
+                "checkpoint_untrusted",
+                f"{record.where}: checkpoint of {checkpoint.size} entries is not "
+                f"signed by a trusted key ({result.unknown_sigs} signature(s) by "
+                "other keys)",
+            )
+            return None
+        if record.declared_size is not None and record.declared_size != checkpoint.size:
+            self.add(
+                seq,
+                ERROR,
+                "checkpoint_size_mismatch",
+                f"{record.where}: record says size {record.declared_size}, the signed "
+                f"checkpoint says {checkpoint.size}",
+            )
+        return checkpoint
+
+    def _trust_handovers(
+        self,
+        rotations: list[tuple[int, str, str]],
+        opened: list[tuple[CheckpointRecord, note.Checkpoint | None]],
+    ) -> None:
+        """Trust the new key of a rotation once a valid checkpoint by a trusted key
+        covers the ``key_rotation`` event that names a trusted old key."""
+        if not rotations or not opened:
+            return
+        covered = max((c.size for _, c in opened if c is not None), default=0)
+        labels = {v.vkey for v in self.trusted}
+        for pos, old, new in rotations:
+            if pos < covered and old in labels and new not in labels:
+                try:
+                    self.trusted.append(note.parse_vkey(new))
+                except NoteError:
+                    continue
+                labels.add(new)
+
+    def _open_reference(self, record: CheckpointRecord) -> note.Checkpoint | None:
+        try:
+            result = note.open_note(record.note, self.trusted)
+            checkpoint = note.parse_checkpoint(result.text)
+        except NoteError as exc:
+            self.add(
+                None,
+                ERROR,
+                "reference_signature",
+                f"reference checkpoint {record.where}: {exc}",
+            )
+            return None
+        if not result.verified_by:
+            self.add(
+                None,
+                WARNING,
+                "reference_untrusted",
+                f"reference checkpoint {record.where} is not signed by a trusted key; "
+                "ignored",
+            )
+            return None
+        return checkpoint
+
+    def _check_reference(
+        self,
+        record: CheckpointRecord,
+        checkpoint: note.Checkpoint,
+        roots: Mapping[int, bytes],
+        largest: int,
+    ) -> None:
+        size, count = checkpoint.size, len(self.lines)
+        if size > count:
+            local = (
+                f"; the local checkpoints reach only {largest} entries"
+                if largest < size
+                else ""
+            )
+            self.add(
+                count,
+                ERROR,
+                "rollback",
+                f"a checkpoint obtained earlier ({record.where}) signs {size} entries "
+                f"but the log holds {count}: it was replaced by an older copy or cut "
+                f"short{local}",
+            )
+        elif roots[size] != checkpoint.root:
+            self.add(
+                size - 1 if size else None,
+                ERROR,
+                "fork",
+                f"the first {size} entries differ from what a checkpoint obtained "
+                f"earlier ({record.where}) signed: the log was rewritten",
+            )
+
+    def _report_bad_root(self, low: int, size: int, later_bad: int) -> None:
+        later = (
+            f"; {later_bad} later checkpoint(s) fail for the same reason"
+            if later_bad
+            else ""
+        )
+        named = sorted({seq for pos, seq in self.blamed.items() if low <= pos < size})
+        seq = self.lines[size - 1].label
+        if named:
+            seq = named[0]
+            where = ", ".join(str(s) for s in named[:10])
+            message = (
+                f"checkpoint of {size} entries does not match the log (root differs): "
+                f"see seq {where}{later}"
+            )
+        else:
+            last = self.lines[size - 1]
+            chained = all(
+                line.entry is not None and "prev" in line.entry
+                for line in self.lines[max(low, 1) : size]
+            )
+            if chained:
+                message = (
+                    f"checkpoint of {size} entries does not match the log (root "
+                    f"differs); the 'prev' chain holds up to here, so the last signed "
+                    f"entry, seq {last.label}, was altered{later}"
+                )
+            else:
+                message = (
+                    f"checkpoint of {size} entries does not match the log (root "
+                    f"differs): an entry in seq {low}..{size - 1} was altered (these "
+                    f"entries carry no 'prev', so which one cannot be told){later}"
+                )
+        self.add(seq, ERROR, "checkpoint_root", message)
+
+
+def _seq_range(first: int, last: int) -> str:
+    """Return ``entry seq 4`` or ``entries seq 4..9``."""
+    if first == last:
+        return f"entry seq {first} is"
+    return f"entries seq {first}..{last} are"
+
+
+def _roots_at(lines: Sequence[_Line], sizes: Iterable[int]) -> dict[int, bytes]:
+    """Return the Merkle root of the first ``n`` stored lines for each wanted ``n``."""
+    wanted = sorted(s for s in set(sizes) if 0 <= s <= len(lines))
+    roots: dict[int, bytes] = {}
+    frontier = merkle.MerkleFrontier()
+    index = 0
+    if wanted and wanted[0] == 0:
+        roots[0] = frontier.root()
+    leaf_hash = merkle.leaf_hash
+    for size in wanted:
+        while index < size:
+            frontier.append(leaf_hash(lines[index].raw))
+            index += 1
+        roots[size] = frontier.root()
+    return roots
+
+
+# --- entry contents -------------------------------------------------------------------
+
+_DATE_MS: dict[str, int] = {}
+_DECIMAL = re.compile(r"-?[0-9]+(?:\.[0-9]+)?")
+
+
+def parse_time_ms(text: Any) -> int | None:
+    """Return ``YYYY-MM-DDTHH:MM:SS.mmmZ`` as UTC milliseconds, or ``None`` if it is
+    not exactly that form (the only form entries use)."""
+    if (
+        not isinstance(text, str)
+        or len(text) != 24
+        or text[10] != "T"
+        or text[23] != "Z"
+        or text[13] != ":"
+        or text[16] != ":"
+        or text[19] != "."
+    ):
+        return None
+    day = _DATE_MS.get(text[:10])
+    if day is None:
+        try:
+            moment = datetime.strptime(text[:10], "%Y-%m-%d").replace(tzinfo=UTC)
+        except ValueError:
+            return None
+        day = int(moment.timestamp()) * 1000
+        if len(_DATE_MS) < 100_000:
+            _DATE_MS[text[:10]] = day
+    clock = text[11:13], text[14:16], text[17:19], text[20:23]
+    if not all(part.isdigit() and part.isascii() for part in clock):
+        return None
+    hours, minutes, seconds, millis = (int(part) for part in clock)
+    if hours > 23 or minutes > 59 or seconds > 60:
+        return None
+    return day + ((hours * 60 + minutes) * 60 + seconds) * 1000 + millis
+
+
+def _is_int(value: Any) -> TypeGuard[int]:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _shape_problem(entry: Mapping[str, Any]) -> str | None:
+    """Return what is wrong with the fields of ``entry``, or ``None``."""
+    if entry.get("v") != 1 or not _is_int(entry.get("v")):
+        return f"schema version 'v' is {entry.get('v')!r}, expected 1"
+    for name in ("seq", "mono", "boot"):
+        value = entry.get(name)
+        if not _is_int(value) or value < 0:
+            return f"'{name}' must be an integer >= 0, got {value!r}"
+    if parse_time_ms(entry.get("t")) is None:
+        return f"'t' {entry.get('t')!r} is not YYYY-MM-DDTHH:MM:SS.mmmZ"
+    if entry.get("tq") not in TIME_QUALITIES:
+        return f"time quality 'tq' {entry.get('tq')!r} is not S, I or U"
+    if "prev" in entry and not isinstance(entry["prev"], str):
+        return "'prev' must be a base64 string"
+    kind = entry.get("type")
+    if kind == "event":
+        if not isinstance(entry.get("ev"), str) or not entry["ev"]:
+            return "an event needs its kind in 'ev'"
+        return None
+    if kind != "reading":
+        return f"'type' {kind!r} is neither 'reading' nor 'event'"
+    if not isinstance(entry.get("src"), str) or not entry["src"]:
+        return "a reading needs its source in 'src'"
+    sseq = entry.get("sseq")
+    if not _is_int(sseq) or sseq < 0:
+        return f"'sseq' must be an integer >= 0, got {sseq!r}"
+    state = entry.get("st")
+    if state not in READING_STATES:
+        return f"reading state 'st' {state!r} is not one of G N T E S L"
+    value = entry.get("val")
+    if value is None:
+        if state == "G":
+            return "a good reading (st G) needs its value in 'val'"
+    elif not isinstance(value, str) or _decimal(value) is None:
+        return f"'val' {value!r} is not an exact decimal string"
+    for name in ("obis", "unit", "raw", "q"):
+        if name in entry and not isinstance(entry[name], str):
+            return f"'{name}' must be a string"
+    return None
+
+
+def _decimal(text: str) -> Decimal | None:
+    """Return the exact decimal ``text`` (``-?digits[.digits]``), else ``None``."""
+    if not _DECIMAL.fullmatch(text):
+        return None
+    return Decimal(text)
+
+
+def _is_cumulative(entry: Mapping[str, Any]) -> bool:
+    """Cumulative register: ``cum`` true, or an OBIS code whose D group is 8."""
+    if entry.get("cum") is True:
+        return True
+    obis = entry.get("obis")
+    if isinstance(obis, str):
+        _, _, rest = obis.partition(":")
+        parts = rest.split("*")[0].split(".")
+        return len(parts) >= 2 and parts[1] == "8"
+    return False
+
+
+def _iso(t_ms: int) -> str:
+    moment = datetime.fromtimestamp(t_ms / 1000, tz=UTC)
+    return moment.strftime("%Y-%m-%dT%H:%M:%S") + "Z"
+
+
+@dataclass
+class _Segment:
+    """One boot of the agent: from its ``boot`` event to the last entry before the
+    next one, with what the slot check needs."""
+
+    boot_pos: int
+    boot_label: int
+    start_ms: int
+    interval_ms: int | None
+    zone: ZoneInfo | None
+    end_ms: int = 0
+    end_label: int = 0
+    clean: bool = False
+    times: list[tuple[int, int]] = field(default_factory=list)
+    """(t_ms, seq) of every entry, for naming where a slot went missing."""
+    present: dict[str, set[int]] = field(default_factory=dict)
+    """Source -> slot indices with a cumulative reading."""
+    first_slot: dict[str, int] = field(default_factory=dict)
+    """Source first seen in this boot -> its first slot."""
+    explained: dict[str, dict[int, int]] = field(default_factory=dict)
+    """Source -> slot index -> seq of the ``read_error`` naming it."""
+    stepped: list[tuple[int, int, int]] = field(default_factory=list)
+    """(from_ms, to_ms, seq): wall-clock windows skipped by a forward step."""
+    sources_before: set[str] = field(default_factory=set)
+    """Sources with cumulative readings before this boot: expected from its start."""
+
+
+class _EntryCheck:
+    """Checks of entry contents: fields, per-source counters, cumulative registers,
+    interval slots, crash recoveries and clock steps."""
+
+    def __init__(self, check: _LogCheck) -> None:
+        self.check = check
+        self.add = check.add
+        self.sseq: dict[str, tuple[int, int]] = {}
+        """src -> (last sseq, disturbance count when it was read)."""
+        self.sseq_outlier: dict[str, int] = {}
+        """src -> the sseq its last reading should have had, when it had another."""
+        self.cumulative: dict[tuple[str, str], tuple[Decimal, int, int]] = {}
+        """(src, quantity) -> (value, position, seq) of the last reading."""
+        self.explain_pos: dict[str, int] = {}
+        """src (or '*' for all) -> position of the last event explaining a jump."""
+        self.known_sources: set[str] = set()
+        self.segment: _Segment | None = None
+        self.boot: int | None = None
+        self.offset_ms: int | None = None
+        self.pending_steps: list[tuple[int, int, int]] = []
+        """(position, seq, delta_ms) of clock steps awaiting an explaining event."""
+        self.disturbed = 0
+        self._offsets: dict[tuple[str, int], int] = {}
+
+    def run(self) -> None:
+        lines = self.check.lines
+        seen: set[int] = set()
+        for pos, line in enumerate(lines):
+            entry = line.entry
+            if entry is None or line.structural:
+                # Unreadable, misplaced or after a gap: per-source counters across
+                # it prove nothing (the line itself was reported).
+                self.disturbed += 1
+            if entry is None or line.label in seen:
+                continue
+            seen.add(line.label)
+            self._entry(pos, line.label, entry)
+        self._resolve_steps(len(lines) + TIME_STEP_LOOKAHEAD + 1)
+        self._close_segment(None)
+
+    def _entry(self, pos: int, seq: int, entry: dict[str, Any]) -> None:
+        problem = _shape_problem(entry)
+        if problem is not None:
+            self.add(seq, ERROR, "bad_entry", f"entry is not valid: {problem}", pos=pos)
+            self.disturbed += 1
+            return
+        t_ms = parse_time_ms(entry["t"])
+        assert t_ms is not None
+        ev = entry.get("ev")
+        if ev == "boot":
+            self._boot(pos, seq, entry, t_ms)
+        elif self.boot is None:
+            self.boot = entry["boot"]
+        elif entry["boot"] != self.boot:
+            self.add(
+                seq,
+                WARNING,
+                "boot_counter",
+                f"boot counter changes from {self.boot} to {entry['boot']} without a "
+                "boot event",
+            )
+            self.boot = entry["boot"]
+            self.offset_ms = None
+        self._time(pos, seq, entry, t_ms, ev)
+        segment = self.segment
+        if segment is not None:
+            segment.times.append((t_ms, seq))
+            segment.end_ms = max(segment.end_ms, t_ms)
+            segment.end_label = seq
+            segment.clean = ev == "shutdown"
+        if entry["type"] == "reading":
+            self._reading(pos, seq, entry, t_ms)
+        elif ev in EXPLAINS_CUMULATIVE:
+            src = entry.get("src")
+            self.explain_pos["*" if not isinstance(src, str) else src] = pos
+            if ev == "read_error" and isinstance(src, str):
+                self._read_error(seq, src, entry, t_ms)
+
+    # --- boots and outages ------------------------------------------------------------
+
+    def _boot(self, pos: int, seq: int, entry: Mapping[str, Any], t_ms: int) -> None:
+        previous = self.segment
+        if self.boot is not None and entry["boot"] <= self.boot:
+            self.add(
+                seq,
+                WARNING,
+                "boot_counter",
+                f"boot counter {entry['boot']} does not increase (was {self.boot})",
+            )
+        self.boot = entry["boot"]
+        self.offset_ms = None
+        self._resolve_steps(pos + TIME_STEP_LOOKAHEAD + 1)
+        interval = entry.get("interval_s")
+        interval_ms = interval * 1000 if _is_int(interval) and interval > 0 else None
+        zone: ZoneInfo | None = None
+        tz = entry.get("tz")
+        if interval_ms is not None:
+            try:
+                zone = ZoneInfo(tz if isinstance(tz, str) else "UTC")
+            except (ZoneInfoNotFoundError, ValueError):
+                zone = ZoneInfo("UTC")
+        segment = _Segment(pos, seq, t_ms, interval_ms, zone, end_ms=t_ms)
+        segment.sources_before = set(self.known_sources)
+        self._close_segment(segment)
+        recovered = entry.get("recovered")
+        if isinstance(recovered, dict):
+            cut = recovered.get("truncated_bytes")
+            last = recovered.get("last_seq")
+            self.add(
+                seq,
+                WARNING,
+                "recovered",
+                f"on start the agent cut {cut} bytes of an incomplete entry after seq "
+                f"{last} (crash or power cut during a write)",
+            )
+        shutdown = entry.get("prev_shutdown")
+        if shutdown == "unclean" or (
+            shutdown is None and previous is not None and not previous.clean
+        ):
+            since = f" after seq {previous.end_label}" if previous else ""
+            gap = self._outage_text(previous, t_ms)
+            self.add(
+                seq,
+                WARNING,
+                "unclean_shutdown",
+                f"the agent stopped without a shutdown entry{since} (crash, kill or "
+                f"power cut) and started again here{gap}",
+            )
+        elif previous is not None:
+            gap = self._outage_text(previous, t_ms)
+            if gap:
+                self.add(
+                    seq,
+                    WARNING,
+                    "outage",
+                    f"the agent was stopped (shutdown at seq {previous.end_label}) "
+                    f"until this boot{gap}",
+                )
+
+    def _outage_text(self, previous: _Segment | None, t_ms: int) -> str:
+        if previous is None or previous.interval_ms is None:
+            return ""
+        missed = len(self._boundaries(previous, previous.end_ms, t_ms))
+        if not missed:
+            return ""
+        return (
+            f"; {missed} interval slot(s) from {_iso(previous.end_ms)} to "
+            f"{_iso(t_ms)} were not read"
+        )
+
+    # --- clock steps ------------------------------------------------------------------
+
+    def _time(
+        self, pos: int, seq: int, entry: Mapping[str, Any], t_ms: int, ev: Any
+    ) -> None:
+        if ev in ("time_step", "time_sync"):
+            for _, step_seq, delta in self.pending_steps:
+                self._explained_step(step_seq, delta, seq, ev)
+            self.pending_steps.clear()
+        self._resolve_steps(pos)
+        offset = t_ms - entry["mono"] // 1_000_000
+        if self.offset_ms is not None:
+            delta = offset - self.offset_ms
+            if abs(delta) > TIME_STEP_LIMIT_MS:
+                if ev in ("time_step", "time_sync"):
+                    self._explained_step(seq, delta, seq, ev)
+                else:
+                    self.pending_steps.append((pos, seq, delta))
+                if delta > 0 and self.segment is not None:
+                    self.segment.stepped.append((t_ms - delta, t_ms, seq))
+        self.offset_ms = offset
+
+    def _explained_step(self, seq: int, delta: int, by_seq: int, ev: str) -> None:
+        self.add(
+            seq,
+            WARNING,
+            "time_step",
+            f"gateway clock stepped by {delta / 1000:+.3f} s against the monotonic "
+            f"clock ({ev} event seq {by_seq})",
+        )
+
+    def _resolve_steps(self, pos: int) -> None:
+        keep = []
+        for step_pos, step_seq, delta in self.pending_steps:
+            if pos - step_pos > TIME_STEP_LOOKAHEAD:
+                self.add(
+                    step_seq,
+                    WARNING,
+                    "time_step_unexplained",
+                    f"gateway clock jumped by {delta / 1000:+.3f} s against the "
+                    "monotonic clock with no time_step or time_sync event",
+                )
+            else:
+                keep.append((step_pos, step_seq, delta))
+        self.pending_steps = keep
+
+    # --- readings ---------------------------------------------------------------------
+
+    def _reading(self, pos: int, seq: int, entry: Mapping[str, Any], t_ms: int) -> None:
+        src = entry["src"]
+        sseq = entry["sseq"]
+        last = self.sseq.get(src)
+        expected = 0 if last is None else last[0] + 1
+        outlier = self.sseq_outlier.pop(src, None)
+        if outlier is not None and sseq == outlier + 1:
+            # The reading before was the odd one out (already reported): the
+            # counter runs on from what it should have been.
+            expected = sseq
+        elif sseq != expected and (last is None or last[1] == self.disturbed):
+            self.sseq_outlier[src] = expected
+            what = "missing" if sseq > expected else "repeated"
+            self.add(
+                seq,
+                ERROR,
+                "sseq_gap",
+                f"reading of {src} has per-source counter sseq {sseq}, expected "
+                f"{expected}: readings of this source are {what}",
+                pos=pos,
+            )
+        self.sseq[src] = (sseq, self.disturbed)
+        if not _is_cumulative(entry) or "val" not in entry:
+            return
+        value = _decimal(entry["val"])
+        assert value is not None
+        quantity = entry.get("obis") or entry.get("q") or ""
+        key = (src, quantity)
+        previous = self.cumulative.get(key)
+        self.cumulative[key] = (value, pos, seq)
+        self.known_sources.add(src)
+        self._slot_present(src, t_ms)
+        if previous is None or value >= previous[0]:
+            return
+        explained_at = max(self.explain_pos.get(src, -1), self.explain_pos.get("*", -1))
+        if explained_at > previous[1]:
+            by = self.check.lines[explained_at]
+            kind = by.entry.get("ev") if by.entry else "?"
+            self.add(
+                seq,
+                WARNING,
+                "cumulative_decrease_explained",
+                f"cumulative register {src} {quantity} went down from {previous[0]} "
+                f"(seq {previous[2]}) to {value}, after a {kind} event (seq "
+                f"{by.label})",
+            )
+        else:
+            self.add(
+                seq,
+                WARNING,
+                "cumulative_decrease",
+                f"cumulative register {src} {quantity} went down from {previous[0]} "
+                f"(seq {previous[2]}) to {value} with no read_error, config_change or "
+                "source event for it in between",
+            )
+
+    # --- interval slots ---------------------------------------------------------------
+
+    def _slot_index(self, segment: _Segment, t_ms: int) -> int:
+        """Local-time slot index of ``t_ms``: slot k starts at boundary k."""
+        assert segment.interval_ms is not None and segment.zone is not None
+        hour = t_ms // 3_600_000
+        key = (str(segment.zone), hour)
+        offset = self._offsets.get(key)
+        if offset is None:
+            moment = datetime.fromtimestamp(hour * 3600, tz=UTC)
+            delta = segment.zone.utcoffset(moment)
+            offset = int(delta.total_seconds() * 1000) if delta is not None else 0
+            self._offsets[key] = offset
+        return (t_ms + offset) // segment.interval_ms
+
+    def _boundary_ms(self, segment: _Segment, index: int) -> int:
+        """UTC ms of the start of slot ``index`` (inverse of ``_slot_index``)."""
+        assert segment.interval_ms is not None
+        local = index * segment.interval_ms
+        # The offset of the hour the boundary falls in; zones without daylight
+        # saving make this exact.
+        guess = local - self._offset_at(segment, local)
+        return local - self._offset_at(segment, guess)
+
+    def _offset_at(self, segment: _Segment, t_ms: int) -> int:
+        index_offset = self._slot_index(segment, t_ms)  # fills the cache
+        del index_offset
+        return self._offsets[(str(segment.zone), t_ms // 3_600_000)]
+
+    def _boundaries(self, segment: _Segment, after_ms: int, until_ms: int) -> range:
+        """Slot indices whose boundary lies in (after_ms, until_ms]."""
+        if segment.interval_ms is None or until_ms <= after_ms:
+            return range(0)
+        first = self._slot_index(segment, after_ms) + 1
+        last = self._slot_index(segment, until_ms)
+        return range(first, last + 1)
+
+    def _slot_present(self, src: str, t_ms: int) -> None:
+        segment = self.segment
+        if segment is None or segment.interval_ms is None:
+            return
+        index = self._slot_index(segment, t_ms)
+        segment.present.setdefault(src, set()).add(index)
+        segment.first_slot.setdefault(src, index)
+
+    def _read_error(
+        self, seq: int, src: str, entry: Mapping[str, Any], t_ms: int
+    ) -> None:
+        segment = self.segment
+        if segment is None or segment.interval_ms is None:
+            return
+        named: list[Any] = []
+        if "slot" in entry:
+            named.append(entry["slot"])
+        if isinstance(entry.get("slots"), list):
+            named.extend(entry["slots"])
+        indices = set()
+        for item in named:
+            slot_ms = parse_time_ms(item) if isinstance(item, str) else None
+            if slot_ms is None and isinstance(item, str):
+                try:
+                    slot_ms = int(
+                        datetime.fromisoformat(item.replace("Z", "+00:00")).timestamp()
+                        * 1000
+                    )
+                except ValueError:
+                    slot_ms = None
+            if slot_ms is not None:
+                indices.add(self._slot_index(segment, slot_ms))
+        if not indices:
+            indices.add(self._slot_index(segment, t_ms))
+        explained = segment.explained.setdefault(src, {})
+        for index in indices:
+            explained.setdefault(index, seq)
+
+    def _close_segment(self, new: _Segment | None) -> None:
+        """Check the slots of the boot that just ended, then start ``new``."""
+        segment = self.segment
+        self.segment = new
+        if segment is None or segment.interval_ms is None:
+            return
+        grace = min(segment.interval_ms // 2, 60_000)
+        expected = self._boundaries(segment, segment.start_ms, segment.end_ms - grace)
+        if not len(expected):
+            return
+        for src in sorted(self.known_sources | set(segment.present)):
+            present = segment.present.get(src, set())
+            first = segment.first_slot.get(src)
+            explained = segment.explained.get(src, {})
+            missing_unexplained: list[int] = []
+            missing_explained: list[tuple[int, int]] = []
+            for index in expected:
+                if index in present or (first is not None and index < first):
+                    continue
+                if first is None and src not in segment.sources_before:
+                    continue
+                if index in explained:
+                    missing_explained.append((index, explained[index]))
+                    continue
+                boundary = self._boundary_ms(segment, index)
+                step = next(
+                    (s for a, b, s in segment.stepped if a < boundary <= b), None
+                )
+                if step is not None:
+                    missing_explained.append((index, step))
+                else:
+                    missing_unexplained.append(index)
+            self._report_slots(segment, src, missing_unexplained, missing_explained)
+
+    def _report_slots(
+        self,
+        segment: _Segment,
+        src: str,
+        unexplained: list[int],
+        explained: list[tuple[int, int]],
+    ) -> None:
+        for start, end in _runs(unexplained):
+            first_ms = self._boundary_ms(segment, start)
+            seq = _seq_at(segment, first_ms)
+            count = end - start + 1
+            self.add(
+                seq,
+                WARNING,
+                "slot_missing",
+                f"{src}: no cumulative reading for {count} interval slot(s) from "
+                f"{_iso(first_ms)}"
+                + (f" to {_iso(self._boundary_ms(segment, end))}" if count > 1 else "")
+                + " and no read_error event explains it",
+            )
+        by_event: dict[int, list[int]] = {}
+        for index, seq in explained:
+            by_event.setdefault(seq, []).append(index)
+        for seq, indices in sorted(by_event.items()):
+            first_ms = self._boundary_ms(segment, min(indices))
+            count = len(indices)
+            self.add(
+                seq,
+                WARNING,
+                "slot_explained",
+                f"{src}: {count} interval slot(s) from {_iso(first_ms)} without a "
+                "reading, explained by this event",
+            )
+
+
+def _runs(indices: list[int]) -> list[tuple[int, int]]:
+    """Group sorted integers into (first, last) runs of consecutive values."""
+    runs: list[tuple[int, int]] = []
+    for index in indices:
+        if runs and runs[-1][1] == index - 1:
+            runs[-1] = (runs[-1][0], index)
+        else:
+            runs.append((index, index))
+    return runs
+
+
+def _seq_at(segment: _Segment, t_ms: int) -> int:
+    """Return the seq of the first entry of ``segment`` at or after ``t_ms``."""
+    for entry_ms, seq in segment.times:
+        if entry_ms >= t_ms:
+            return seq
+    return segment.end_label

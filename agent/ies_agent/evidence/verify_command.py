@@ -1,0 +1,64 @@
+"""``ies-agent verify PATH [--key FILE ...] [--checkpoint FILE ...] [--json]``.
+
+Verifies an evidence log (data directory, log file, or a directory like the worked
+example) or a disclosure bundle offline and prints one line per finding, then a
+summary. Exit status: 0 verified (warnings allowed), 1 an integrity failure, 2 a usage
+error (PATH or a key file unusable).
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    """Add the arguments of ``verify`` to ``parser``."""
+    parser.add_argument(
+        "path",
+        metavar="PATH",
+        type=Path,
+        help="data directory, evidence log file, or bundle from 'ies-agent prove'",
+    )
+    parser.add_argument(
+        "--key",
+        metavar="FILE",
+        type=Path,
+        action="append",
+        default=[],
+        help="trusted key: a signed-note verifier key (.vkey) or a key card; "
+        "repeatable (default: the key card in the data directory, not pinned)",
+    )
+    parser.add_argument(
+        "--checkpoint",
+        metavar="FILE",
+        type=Path,
+        action="append",
+        default=[],
+        help="a checkpoint obtained earlier (signed note or checkpoints.jsonl), e.g. "
+        "from upstream: the log must still hold what it signed (detects rollback)",
+    )
+    parser.add_argument(
+        "--json", action="store_true", help="print the report as JSON instead"
+    )
+
+
+def main(args: argparse.Namespace) -> int:
+    """Run ``verify``; return 0 (verified), 1 (integrity failure) or 2 (usage)."""
+    import json
+    import sys
+
+    from ies_agent.evidence.verify import VerifyInputError, verify_path
+
+    try:
+        report = verify_path(args.path, keys=args.key, checkpoints=args.checkpoint)
+    except VerifyInputError as exc:
+        print(f"ies-agent verify: {exc}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(report.to_json(), indent=1, ensure_ascii=False))
+    else:
+        for finding in report.findings:
+            print(finding.line())
+        print(report.summary())
+    return 0 if report.ok else 1

@@ -1,0 +1,202 @@
+"""The site's heartbeat: poll devices, read registers at interval boundaries, log them.
+
+Two kinds of work run for every device:
+
+* **live polling** every ``poll_s`` seconds keeps the latest values in the agent state
+  for the status page and telemetry; these values are not written to the evidence log;
+* **interval reads** at every boundary of the site's interval grid (wall clock, site
+  time zone) read every point of every device — cumulative registers above all — and
+  append each value to the evidence log; after the last device a checkpoint is signed.
+
+A device that fails is counted, its error recorded in the evidence log where it
+explains a missing slot, and retried at the next turn; it never stops the others, and
+the bus driver's back-off keeps a dead device from stalling its line.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Sequence
+from typing import Protocol
+from zoneinfo import ZoneInfo
+
+from ies_agent.clock import Clock
+from ies_agent.devices import SiteDevice
+from ies_agent.intervals import next_boundary_ms
+from ies_agent.state import AgentState
+from ies_drivers.errors import DeviceBackedOff, DriverError
+from ies_drivers.reading import Reading
+
+log = logging.getLogger(__name__)
+
+
+class EvidenceSink(Protocol):
+    """What the scheduler needs of the evidence log."""
+
+    def append_reading(self, reading: Reading) -> int:
+        """Append one reading; return its ``seq``."""
+        ...
+
+    def append_event(
+        self, ev: str, fields: dict[str, object] | None = None, *, src: str | None = None
+    ) -> int:
+        """Append one event; return its ``seq``."""
+        ...
+
+    def checkpoint(self) -> str:
+        """Sign a checkpoint over the whole log; return the note."""
+        ...
+
+
+class Scheduler:
+    """Drive the site's devices on their cadences and record what they say."""
+
+    def __init__(
+        self,
+        devices: Sequence[SiteDevice],
+        evidence: EvidenceSink,
+        state: AgentState,
+        clock: Clock,
+        *,
+        interval_s: int,
+        tz: ZoneInfo,
+    ) -> None:
+        self.devices = list(devices)
+        self.evidence = evidence
+        self.state = state
+        self.clock = clock
+        self.interval_s = interval_s
+        self.tz = tz
+        self.intervals_done = 0
+        self._outage: dict[str, str] = {}
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Run until ``stop`` is set; every task is named and ends with this call."""
+        async with asyncio.TaskGroup() as group:
+            for device in self.devices:
+                group.create_task(self._open_device(device), name=f"open:{device.id}")
+            for device in self.devices:
+                group.create_task(
+                    self._live_loop(device, stop), name=f"poll:{device.id}"
+                )
+            group.create_task(self._interval_loop(stop), name="intervals")
+
+    # -- device identity -------------------------------------------------------------
+
+    async def _open_device(self, device: SiteDevice) -> None:
+        """Identify the device once and record it as a ``source`` event."""
+        ds = self.state.device(device.id)
+        ds.kind, ds.protocol = device.kind, device.protocol
+        try:
+            identity = await device.open()
+        except DriverError as exc:
+            self._record_fault(device.id, exc, during="identify")
+            return
+        ds.identity = identity
+        self.evidence.append_event("source", {"dev": identity}, src=device.id)
+
+    # -- live values -----------------------------------------------------------------
+
+    async def _live_loop(self, device: SiteDevice, stop: asyncio.Event) -> None:
+        """Poll ``device`` every ``poll_s`` seconds until ``stop`` is set."""
+        period = device.poll_s
+        next_at = time.monotonic()
+        while not stop.is_set():
+            await self._read(device, live=True)
+            next_at += period
+            delay = next_at - time.monotonic()
+            if delay < 0:  # a slow bus: skip missed turns instead of bunching up
+                next_at = time.monotonic()
+                delay = 0
+            await _wait(stop, delay)
+
+    # -- interval boundaries ---------------------------------------------------------
+
+    async def _interval_loop(self, stop: asyncio.Event) -> None:
+        """At every boundary read every device, log the values, sign a checkpoint."""
+        while not stop.is_set():
+            now = self.clock.now()
+            boundary = next_boundary_ms(now.t_ms, self.interval_s, self.tz)
+            await _wait(stop, (boundary - now.t_ms) / 1000)
+            if stop.is_set():
+                return
+            results = await asyncio.gather(
+                *(self._read(d, live=False, slot_ms=boundary) for d in self.devices)
+            )
+            for readings in results:
+                for reading in readings:
+                    self.evidence.append_reading(reading)
+            self.evidence.checkpoint()
+            self.intervals_done += 1
+
+    # -- one read ----------------------------------------------------------------------
+
+    async def _read(
+        self, device: SiteDevice, *, live: bool, slot_ms: int | None = None
+    ) -> list[Reading]:
+        """Read ``device`` once; on failure count it and, for a slot, log it."""
+        ds = self.state.device(device.id)
+        started = time.monotonic()
+        try:
+            readings = await device.read(self.clock)
+        except DriverError as exc:
+            self._record_fault(device.id, exc, slot_ms=slot_ms)
+            return []
+        ds.last_latency_s = time.monotonic() - started
+        ds.reads += 1
+        ds.online = True
+        for reading in readings:
+            ds.values[reading.quantity] = reading
+        if readings:
+            ds.last_read_ms = readings[0].t_ms
+        if device.id in self._outage:
+            log.info(
+                "device answers again",
+                extra={"kv": {"device": device.id, "was": self._outage.pop(device.id)}},
+            )
+        return readings
+
+    def _record_fault(
+        self,
+        device_id: str,
+        exc: DriverError,
+        *,
+        slot_ms: int | None = None,
+        during: str = "read",
+    ) -> None:
+        """Count a device fault; log an outage once; record it where it explains a gap."""
+        ds = self.state.device(device_id)
+        kind = type(exc).__name__
+        ds.faults[kind] += 1
+        ds.last_error = str(exc)
+        ds.online = False
+        if device_id not in self._outage and not isinstance(exc, DeviceBackedOff):
+            self._outage[device_id] = kind
+            log.warning(
+                "device does not answer",
+                extra={"kv": {"device": device_id, "error": kind, "detail": str(exc)}},
+            )
+        if slot_ms is not None or during != "read":
+            fields: dict[str, object] = {"error": kind, "msg": str(exc)[:300]}
+            if slot_ms is not None:
+                fields["slot"] = _iso(slot_ms)
+            fields["during"] = during
+            self.evidence.append_event("read_error", fields, src=device_id)
+
+
+def _iso(t_ms: int) -> str:
+    """Return ``t_ms`` as the log's UTC time text ``YYYY-MM-DDTHH:MM:SS.mmmZ``."""
+    seconds, ms = divmod(t_ms, 1000)
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + f".{ms:03d}Z"
+
+
+async def _wait(stop: asyncio.Event, delay_s: float) -> None:
+    """Sleep ``delay_s`` seconds or until ``stop`` is set, whichever comes first."""
+    if delay_s <= 0:
+        return
+    try:
+        await asyncio.wait_for(stop.wait(), timeout=delay_s)
+    except TimeoutError:
+        pass

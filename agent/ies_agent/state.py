@@ -1,0 +1,78 @@
+"""Live state of a running agent: last values, fault counters, bus health.
+
+The scheduler writes it, the status command and the local web page read it. It holds
+only the latest value per quantity, so its size is bounded by the site's configuration.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+from ies_drivers.reading import Reading
+
+
+@dataclass
+class DeviceState:
+    """What the agent knows about one device right now."""
+
+    id: str
+    kind: str = ""
+    protocol: str = ""
+    identity: dict[str, str] = field(default_factory=dict)
+    values: dict[str, Reading] = field(default_factory=dict)
+    reads: int = 0
+    faults: Counter[str] = field(default_factory=Counter)
+    last_error: str | None = None
+    last_read_ms: int | None = None
+    last_latency_s: float | None = None
+    online: bool | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        """Return a JSON-ready view (values as exact decimal strings)."""
+        return {
+            "id": self.id,
+            "kind": self.kind,
+            "protocol": self.protocol,
+            "identity": dict(self.identity),
+            "online": self.online,
+            "reads": self.reads,
+            "faults": dict(self.faults),
+            "last_error": self.last_error,
+            "last_read_ms": self.last_read_ms,
+            "last_latency_s": self.last_latency_s,
+            "values": {
+                name: {
+                    "value": r.value,
+                    "unit": r.unit,
+                    "obis": r.obis,
+                    "state": r.state.value,
+                    "t_ms": r.t_ms,
+                }
+                for name, r in self.values.items()
+            },
+        }
+
+
+@dataclass
+class AgentState:
+    """Everything the status page shows, keyed by device id."""
+
+    gateway_id: str
+    devices: dict[str, DeviceState] = field(default_factory=dict)
+    evidence: dict[str, Any] = field(default_factory=dict)
+
+    def device(self, device_id: str) -> DeviceState:
+        """Return the state of ``device_id``, creating it on first use."""
+        if device_id not in self.devices:
+            self.devices[device_id] = DeviceState(device_id)
+        return self.devices[device_id]
+
+    def as_dict(self) -> dict[str, Any]:
+        """Return a JSON-ready view of the whole state."""
+        return {
+            "gateway": self.gateway_id,
+            "devices": {k: v.as_dict() for k, v in self.devices.items()},
+            "evidence": dict(self.evidence),
+        }

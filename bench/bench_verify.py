@@ -1,0 +1,144 @@
+"""Verify throughput of the evidence log verifier (entries per second, one core).
+
+Builds a realistic data directory with the primitives alone (canonical JSON, Merkle
+frontier, signed notes): one boot, ``--sources`` meters each giving one cumulative
+reading per 15-minute boundary, a checkpoint (event + ECDSA P-256 signed note) after
+every boundary, until ``--entries`` entries. Then times ``verify_path`` on it (best
+of ``--repeat`` runs) with the key pinned. Target (issue 3): >= 50,000 entries/s.
+
+    python bench/bench_verify.py [--entries 100000] [--sources 10] [--repeat 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import hashlib
+import tempfile
+import time
+from pathlib import Path
+
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from ies_agent.evidence import canonical, merkle, note
+from ies_agent.evidence.verify import verify_path
+
+T0_MS = 1_746_100_800_000  # 2025-05-01T12:00:00Z, a 15-minute boundary
+INTERVAL_MS = 900_000
+
+
+def _iso(t_ms: int) -> str:
+    seconds, millis = divmod(t_ms, 1000)
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + f".{millis:03d}Z"
+
+
+def build_log(directory: Path, entries: int, sources: int) -> note.EcdsaP256NoteSigner:
+    """Write ``evidence.jsonl`` + ``checkpoints.jsonl`` with about ``entries``
+    entries; return the signer (its vkey verifies the log)."""
+    origin = "ies-agent/BENCH/log-1"
+    signer = note.EcdsaP256NoteSigner(
+        origin, ec.derive_private_key(int.from_bytes(b"\x2a" * 32), ec.SECP256R1())
+    )
+    frontier = merkle.MerkleFrontier()
+    lines: list[bytes] = []
+    notes: list[bytes] = []
+    prev: str | None = None
+    sseq = [0] * sources
+
+    def append(fields: dict[str, object], t_ms: int) -> None:
+        nonlocal prev
+        entry: dict[str, object] = {
+            "v": 1,
+            "seq": len(lines),
+            "t": _iso(t_ms),
+            "tq": "S",
+            "mono": 1_000_000_000 + (t_ms - T0_MS) * 1_000_000,
+            "boot": 1,
+            **fields,
+        }
+        if prev is not None:
+            entry["prev"] = prev
+        line = canonical.canonical_bytes(entry)
+        lines.append(line)
+        frontier.append(merkle.leaf_hash(line))
+        prev = base64.b64encode(hashlib.sha256(line).digest()).decode()
+
+    append(
+        {
+            "type": "event",
+            "ev": "boot",
+            "agent": {"id": "BENCH", "sw": "0.1.0", "cfg": ""},
+            "keys": [{"alg": "ECDSA-P256-SHA256", "vkey": signer.vkey()}],
+            "interval_s": INTERVAL_MS // 1000,
+            "tz": "Asia/Kolkata",
+        },
+        T0_MS,
+    )
+    for index in range(sources):
+        append(
+            {"type": "event", "ev": "source", "src": f"m{index}", "dev": {"ser": "X"}},
+            T0_MS + 10 + index,
+        )
+    boundary = T0_MS
+    while len(lines) < entries:
+        boundary += INTERVAL_MS
+        for index in range(sources):
+            value = 1_000_000 + sseq[index] * 250 + index
+            append(
+                {
+                    "type": "reading",
+                    "src": f"m{index}",
+                    "sseq": sseq[index],
+                    "q": "import_energy",
+                    "obis": "1-0:1.8.0*255",
+                    "val": f"{value // 1000}.{value % 1000:03d}",
+                    "unit": "kWh",
+                    "st": "G",
+                    "raw": f"modbus:fc03:0x5000:{value:016x}",
+                    "cum": True,
+                },
+                boundary + 40 + index,
+            )
+            sseq[index] += 1
+        append({"type": "event", "ev": "checkpoint"}, boundary + 500)
+        text = note.checkpoint_text(origin, frontier.size, frontier.root())
+        signed = note.sign_note(text, [signer])
+        notes.append(canonical.canonical_bytes({"note": signed, "size": frontier.size}))
+    (directory / "evidence.jsonl").write_bytes(b"".join(x + b"\n" for x in lines))
+    (directory / "checkpoints.jsonl").write_bytes(b"".join(x + b"\n" for x in notes))
+    return signer
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--entries", type=int, default=100_000)
+    parser.add_argument("--sources", type=int, default=10)
+    parser.add_argument("--repeat", type=int, default=3)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        directory = Path(tmp)
+        started = time.perf_counter()
+        signer = build_log(directory, args.entries, args.sources)
+        built_s = time.perf_counter() - started
+        key = directory / "log.vkey"
+        key.write_text(signer.vkey() + "\n")
+        checkpoints = len((directory / "checkpoints.jsonl").read_bytes().splitlines())
+        best = float("inf")
+        for _ in range(args.repeat):
+            started = time.perf_counter()
+            report = verify_path(directory, keys=[key])
+            best = min(best, time.perf_counter() - started)
+        assert report.ok and not report.findings, report.findings[:5]
+        size_mb = (directory / "evidence.jsonl").stat().st_size / 1e6
+        print(
+            f"built {report.entries} entries ({size_mb:.1f} MB), {checkpoints} "
+            f"checkpoints in {built_s:.1f} s"
+        )
+        print(
+            f"verify: {best:.3f} s best of {args.repeat} -> "
+            f"{report.entries / best:,.0f} entries/s (target >= 50,000)"
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Real peers that tests talk to: servers, pseudo-terminals and scripted devices."""
