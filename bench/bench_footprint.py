@@ -65,7 +65,7 @@ def site_toml(ports: list[int], data_dir: Path) -> str:
     parts = [f'[gateway]\nid = "bench-gw"\ninterval = "15m"\ndata_dir = "{data_dir}"\n']
     for i, port in enumerate(ports):
         parts.append(
-            f'[[buses]]\nid = "bus{i}"\nkind = "tcp"\nport = {port}\n\n'
+            f'[[buses]]\nid = "bus{i}"\nkind = "tcp"\nhost = "127.0.0.1"\nport = {port}\n\n'
             f'[[devices]]\nid = "meter{i}"\nbus = "bus{i}"\nunit = 1\n'
             'template = "eastron-sdm630"\npoll_s = 5\n'
         )

@@ -14,6 +14,7 @@ from pymodbus.server import ModbusTcpServer
 from pymodbus.simulator import DataType, SimData, SimDevice
 
 from ies_drivers.sunspec.image import SunSpecImage
+from peers.modbus import UnitFilterProxy
 
 FC01 = "01 03 04 00 00 3F 80 EA 63"  # field case FC-01: SolarEdge CosPhi response
 
@@ -21,8 +22,9 @@ FC01 = "01 03 04 00 00 3F 80 EA 63"  # field case FC-01: SolarEdge CosPhi respon
 class ServerThread:
     """A pymodbus TCP server on a free loopback port, in its own event loop thread."""
 
-    def __init__(self, devices: list[SimDevice]) -> None:
+    def __init__(self, devices: list[SimDevice], dead_units: tuple[int, ...] = ()) -> None:
         self.devices = devices
+        self.dead_units = dead_units
         self.port = 0
         self._ready = threading.Event()
         self._loop = asyncio.new_event_loop()
@@ -38,6 +40,11 @@ class ServerThread:
         self.server = ModbusTcpServer(self.devices, address=("127.0.0.1", 0))
         await self.server.serve_forever(background=True)
         self.port = self.server.transport.sockets[0].getsockname()[1]
+        # pymodbus 3.16 answers every unit id (exception 4 for unknown ones); a
+        # gateway that drops the absent units makes them silent, as on a real line.
+        self.proxy = UnitFilterProxy(self.port, self.dead_units)
+        if self.dead_units:
+            self.port = await self.proxy.start()
 
     def __enter__(self) -> ServerThread:
         self._thread.start()
@@ -45,6 +52,9 @@ class ServerThread:
         return self
 
     def __exit__(self, *exc: object) -> None:
+        if self.dead_units:
+            stopped = asyncio.run_coroutine_threadsafe(self.proxy.stop(), self._loop)
+            stopped.result(10)
         fut = asyncio.run_coroutine_threadsafe(self.server.shutdown(), self._loop)
         fut.result(10)
         self._loop.call_soon_threadsafe(self._loop.stop)
@@ -95,6 +105,7 @@ data_dir = "data"
 [[buses]]
 id = "lan"
 kind = "tcp"
+host = "127.0.0.1"
 port = {server.port}
 timeout_s = 1.0
 
@@ -149,7 +160,7 @@ def test_read_of_a_silent_device_fails_clearly(tmp_path: Path) -> None:
         site = tmp_path / "site.toml"
         site.write_text(
             f'[gateway]\nid = "gw"\n\n[[buses]]\nid = "lan"\nkind = "tcp"\n'
-            f'port = {port}\ntimeout_s = 0.3\n\n[[devices]]\nid = "m"\nbus = "lan"\n'
+            f'host = "127.0.0.1"\nport = {port}\ntimeout_s = 0.3\n\n[[devices]]\nid = "m"\nbus = "lan"\n'
             'unit = 1\ntemplate = "eastron-sdm630"\n'
         )
         result = run_agent("read", "--config", str(site), "m")
@@ -166,7 +177,7 @@ def test_scan_finds_the_unit_and_its_sunspec_models() -> None:
             SimData(40000, count=len(registers), values=registers, datatype=DataType.REGISTERS),
         ],
     )
-    with ServerThread([device]) as server:
+    with ServerThread([device], dead_units=(1, 2, 4)) as server:
         result = run_agent("scan", "--tcp", f"127.0.0.1:{server.port}", "--units", "1-4")
     assert result.returncode == 0, result.stdout + result.stderr
     assert "unit 3: answers; SunSpec models [1, 103]" in result.stdout

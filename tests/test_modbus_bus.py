@@ -389,6 +389,23 @@ async def test_exception_codes_over_rtu(
                 await bus.read_registers(1, "holding", 100, 2)
 
 
+async def test_late_answer_of_a_timed_out_unit_is_not_taken_for_the_next(
+    scripted: list[ScriptedDevice],
+) -> None:
+    # Unit 1 answers after 0.4 s (timeout 0.3 s); unit 2 after 0.15 s, so unit 1's
+    # late answer reaches us while we wait for unit 2's.
+    _, bus = await start_scripted(
+        scripted, "rtu-over-tcp", unit_delays={1: 0.4, 2: 0.15}
+    )
+    async with bus:
+        with pytest.raises(DeviceTimeout):
+            await bus.read_registers(1, "holding", 0, 2)
+        block = await bus.read_registers(2, "holding", 0, 2)
+        stats = bus.stats
+    assert block.registers == expected(2, 3, 0, 2)
+    assert stats[2].errors == {}
+
+
 # --- misbehaving Modbus TCP devices -------------------------------------------------
 
 

@@ -256,8 +256,10 @@ def test_scan_finds_a_plain_response() -> None:
 
 
 def test_scan_strips_the_rs485_echo_of_our_request() -> None:
-    result = scan_rtu_response(REQUEST + RESPONSE, request=REQUEST, unit=1, function=3)
+    data = REQUEST + RESPONSE + b"\x00"
+    result = scan_rtu_response(data, request=REQUEST, unit=1, function=3)
     assert result.state == "frame" and result.echo
+    assert result.end == len(REQUEST + RESPONSE)
 
 
 def test_scan_waits_while_only_part_of_the_echo_arrived() -> None:

@@ -205,6 +205,14 @@ def test_tampered_bundle_fails(tmp_path: Path, change: Any, code: str) -> None:
     assert [f.code for f in report.errors] == [code]
 
 
+def test_compact_bundle_is_recognised(tmp_path: Path) -> None:
+    bundle = json.loads((EXAMPLE / "inclusion_bundle_seq3.json").read_text())
+    path = tmp_path / "bundle.json"
+    path.write_text(json.dumps(bundle, separators=(",", ":")))
+    report = verify_path(path, keys=[EXAMPLE / "log_key_p256.vkey"])
+    assert report.kind == "bundle" and report.ok
+
+
 def test_bundle_without_key_needs_one(tmp_path: Path) -> None:
     with pytest.raises(VerifyInputError, match="--key"):
         verify_path(EXAMPLE / "inclusion_bundle_seq3.json")
@@ -645,8 +653,9 @@ def test_json_report(built: LogBuilder, capsys: pytest.CaptureFixture[str]) -> N
         ["verify", "{tmp}"],
         ["verify", str(EXAMPLE), "--key", "{tmp}/missing.vkey"],
         ["verify", str(EXAMPLE), "--key", "{tmp}/bad.vkey"],
+        ["verify", "{tmp}/bad.vkey", "--key", str(EXAMPLE / "log_key.vkey")],
     ],
-    ids=["no-path", "empty-dir", "no-key-file", "bad-key"],
+    ids=["no-path", "empty-dir", "no-key-file", "bad-key", "not-a-log"],
 )
 def test_usage_errors_exit_2(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], argv: list[str]
@@ -740,3 +749,25 @@ def test_log_written_by_evidence_log_verifies(
     status, out, _ = run_cli(capsys, "verify", data, "--key", key)
     assert status == 1
     assert f"seq {seq}: error: entry seq {seq} is missing" in out
+
+
+def test_torn_write_recovered_by_evidence_log_is_a_warning(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from ies_agent.evidence.log import EvidenceLog
+
+    data = tmp_path / "data"
+    clock = _SteppingClock()
+    _write_with_evidence_log(data, clock)
+    # A power cut in the middle of writing the next entry ...
+    with (data / "evidence.jsonl").open("ab") as stream:
+        stream.write(b'{"boot":1,"mono":99,"seq":')
+    key = data / "keys" / "log.vkey"
+    status, out, _ = run_cli(capsys, "verify", data, "--key", key)
+    assert status == 0 and "warning: the log ends in an incomplete line" in out
+    # ... and the next start cuts it and says so in its boot event.
+    clock.advance(60_000)
+    EvidenceLog.open(data, gateway_id="GW1", clock=clock, interval_s=900).close()
+    report = verify_path(data, keys=[key])
+    assert report.ok
+    assert "recovered" in {f.code for f in report.warnings}

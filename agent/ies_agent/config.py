@@ -27,6 +27,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, cast
 
+from ies_agent.ocpp.config import OcppConfig, read_ocpp
+from ies_agent.upstream.settings import (
+    StorageConfig,
+    UpstreamConfig,
+    read_storage,
+    read_upstreams,
+)
 from ies_drivers.modbus.model import DeviceTemplate
 from ies_drivers.templates import (
     SUNSPEC_BASE_ADDRESSES,
@@ -78,7 +85,15 @@ _PARITY: dict[str, Parity] = {
     "odd": "O",
 }
 
-_TOP_KEYS = {"gateway", "buses", "devices", "template_dirs"}
+_TOP_KEYS = {
+    "gateway",
+    "buses",
+    "devices",
+    "template_dirs",
+    "upstreams",
+    "storage",
+    "ocpp",
+}
 _GATEWAY_KEYS = {"id", "timezone", "interval", "data_dir", "key_alg", "origin", "demo"}
 _COMMON_BUS_KEYS = {"id", "kind", "gap_ms", "timeout_s", "backoff_max_s"}
 _BUS_KEYS: dict[str, set[str]] = {
@@ -213,6 +228,8 @@ class Site:
 
     ``buses`` and ``devices`` are keyed by id in file order; ``template_dirs`` are the
     site's own template directories (the shipped one is searched after them).
+    ``upstreams`` are the ``[[upstreams]]`` in file order and ``storage`` the disk
+    limits (``ies_agent.upstream.settings``).
     """
 
     path: Path
@@ -220,6 +237,10 @@ class Site:
     buses: dict[str, BusConfig]
     devices: dict[str, DeviceConfig]
     template_dirs: tuple[Path, ...] = field(default=())
+    upstreams: tuple[UpstreamConfig, ...] = field(default=())
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    ocpp: OcppConfig | None = None
+    """The OCPP central system and CSMS bridge (``ies_agent.ocpp.config``)."""
 
 
 def load_site(path: str | Path, *, allow_short_interval: bool = False) -> Site:
@@ -291,6 +312,9 @@ class _SiteReader:
         template_dirs = self.read_template_dirs(data)
         buses = self.read_buses(data)
         devices = self.read_devices(data, buses, template_dirs)
+        upstreams = read_upstreams(check, data, self.resolve)
+        storage = read_storage(check, data)
+        ocpp = read_ocpp(check, data, self.resolve, taken_ids=devices)
         if gateway is None:
             return None
         return Site(
@@ -299,6 +323,9 @@ class _SiteReader:
             buses=buses,
             devices=devices,
             template_dirs=tuple(template_dirs),
+            upstreams=upstreams,
+            storage=storage,
+            ocpp=ocpp,
         )
 
     def read_gateway(self, data: dict[str, Any]) -> GatewayConfig | None:

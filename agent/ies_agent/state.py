@@ -56,12 +56,57 @@ class DeviceState:
 
 
 @dataclass
+class UpstreamState:
+    """Where one upstream stands: link, cursors, what is still to send, last error.
+
+    ``acked`` is the last ``seq`` the upstream acknowledged (-1: none), ``confirmed``
+    the last one a collector confirmed end to end (-1: none or not used).
+    ``backlog_entries`` / ``backlog_bytes`` are what the log holds beyond the cursor.
+    """
+
+    name: str
+    kind: str
+    target: str = ""
+    connected: bool = False
+    acked: int = -1
+    confirmed: int = -1
+    checkpoints: int = 0
+    backlog_entries: int = 0
+    backlog_bytes: int = 0
+    last_error: str | None = None
+    last_ack_ms: int | None = None
+    outage_since_ms: int | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        """Return a JSON-ready view."""
+        return {
+            "name": self.name,
+            "kind": self.kind,
+            "target": self.target,
+            "connected": self.connected,
+            "acked": self.acked,
+            "confirmed": self.confirmed,
+            "checkpoints": self.checkpoints,
+            "backlog_entries": self.backlog_entries,
+            "backlog_bytes": self.backlog_bytes,
+            "last_error": self.last_error,
+            "last_ack_ms": self.last_ack_ms,
+            "outage_since_ms": self.outage_since_ms,
+        }
+
+
+@dataclass
 class AgentState:
-    """Everything the status page shows, keyed by device id."""
+    """Everything the status page shows, keyed by device id and upstream name.
+
+    ``storage`` holds the disk guard's view (free bytes, alarm) when it runs.
+    """
 
     gateway_id: str
     devices: dict[str, DeviceState] = field(default_factory=dict)
     evidence: dict[str, Any] = field(default_factory=dict)
+    upstreams: dict[str, UpstreamState] = field(default_factory=dict)
+    storage: dict[str, Any] = field(default_factory=dict)
 
     def device(self, device_id: str) -> DeviceState:
         """Return the state of ``device_id``, creating it on first use."""
@@ -75,4 +120,6 @@ class AgentState:
             "gateway": self.gateway_id,
             "devices": {k: v.as_dict() for k, v in self.devices.items()},
             "evidence": dict(self.evidence),
+            "upstreams": {k: v.as_dict() for k, v in self.upstreams.items()},
+            "storage": dict(self.storage),
         }

@@ -210,6 +210,8 @@ class Misbehaviour:
     """Never answer requests for these unit ids."""
     delay_s: float = 0.0
     """Wait this long before answering."""
+    unit_delays: dict[int, float] = field(default_factory=dict)
+    """Wait this long before answering these unit ids (overrides ``delay_s``)."""
 
 
 @dataclass
@@ -333,9 +335,11 @@ class ScriptedDevice:
             if not reply:
                 continue
             self._busy = True
+            unit = request[6] if self.framing == "mbap" else request[0]
+            delay = self.misbehaviour.unit_delays.get(unit, self.misbehaviour.delay_s)
             try:
-                if self.misbehaviour.delay_s:
-                    await asyncio.sleep(self.misbehaviour.delay_s)
+                if delay:
+                    await asyncio.sleep(delay)
                 send(reply)
             finally:
                 self._busy = False

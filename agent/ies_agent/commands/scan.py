@@ -87,8 +87,10 @@ def main(args: argparse.Namespace) -> int:
         except ValueError:
             print(f"ies-agent scan: {target!r} is not HOST:PORT")
             return 2
-        kind = "tcp" if args.tcp else "rtu-over-tcp"
-        spec = BusSpec(name="scan", kind=kind, host=host, port=port_number)
+        if args.tcp:
+            spec = BusSpec(name="scan", kind="tcp", host=host, port=port_number)
+        else:
+            spec = BusSpec(name="scan", kind="rtu-over-tcp", host=host, port=port_number)
     try:
         default_units = "1-10" if spec.kind == "tcp" else "1-247"
         units = parse_units(args.units or default_units)
@@ -118,7 +120,7 @@ def main(args: argparse.Namespace) -> int:
             await bus.close()
         return found
 
-    print(f"scanning {spec.endpoint()} for unit ids {args.units or default_units} …")
+    print(f"scanning {spec.endpoint} for unit ids {args.units or default_units} …")
     try:
         found = asyncio.run(scan())
     except DriverError as exc:

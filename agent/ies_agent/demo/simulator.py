@@ -300,7 +300,7 @@ def sim_device(unit: int, device: TemplateMeter | SunSpecInverter) -> SimDevice:
         address: int,
         count: int,
         registers: list[int],
-        values: list[int] | None,
+        values: list[int] | list[bool] | None,
     ) -> None:
         del address, count
         if values:  # a write: let the registers take it, the device reads them back

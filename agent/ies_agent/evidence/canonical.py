@@ -50,6 +50,35 @@ _DECODER = json.JSONDecoder(
 )
 
 
+_SCAN = _DECODER.scan_once  # type: ignore[attr-defined]
+
+# The C encoder behind json.JSONEncoder, built once: encode() would rebuild it for
+# every entry, a fifth of the cost of re-encoding one.
+_c_make_encoder = getattr(json.encoder, "c_make_encoder", None)
+_C_ENCODE: Any = (
+    None
+    if _c_make_encoder is None
+    else _c_make_encoder(
+        None,
+        _ENCODER.default,
+        json.encoder.encode_basestring,
+        None,
+        ":",
+        ",",
+        True,
+        False,
+        False,
+    )
+)
+
+
+def _encode_sorted(obj: Any) -> str:
+    """Encode with sorted keys and no whitespace (code point key order)."""
+    if _C_ENCODE is None:  # pragma: no cover - interpreters without the accelerator
+        return _ENCODER.encode(obj)
+    return "".join(_C_ENCODE(obj, 0))
+
+
 def canonical_bytes(obj: Mapping[str, Any]) -> bytes:
     """Return the canonical UTF-8 bytes of ``obj`` (no trailing newline).
 
@@ -88,7 +117,33 @@ def parse_entry(line: bytes) -> dict[str, Any]:
             f"entry is not UTF-8 (bad byte at offset {exc.start})"
         ) from None
     try:
-        obj = _DECODER.decode(text)
+        obj, end = _SCAN(text, 0)
+    except (StopIteration, ValueError, EvidenceFormatError, RecursionError):
+        end = -1
+    if end != len(text):
+        obj = _decode_with_reason(text)
+    if not isinstance(obj, dict):
+        raise EvidenceFormatError(
+            f"an entry must be a JSON object, got {type(obj).__name__}"
+        )
+    # Fast path: the standard encoder orders keys by code point, which equals UTF-16
+    # order unless a key holds characters beyond U+FFFF; only then the slow path.
+    # Comparing text is enough: ``text`` came from valid UTF-8, so an encoding equal
+    # to it holds no lone surrogate and has the same bytes.
+    if _encode_sorted(obj) == text:
+        return obj
+    if canonical_bytes(obj) != line:
+        raise EvidenceFormatError(
+            "entry bytes are not canonical JSON (whitespace, key order, escapes, "
+            "number form or duplicate keys differ from the canonical encoding)"
+        )
+    return obj
+
+
+def _decode_with_reason(text: str) -> Any:
+    """Decode ``text`` the slow way, raising ``EvidenceFormatError`` with the reason."""
+    try:
+        return _DECODER.decode(text)
     except EvidenceFormatError as exc:
         raise EvidenceFormatError(f"entry is not canonical: {exc}") from None
     except json.JSONDecodeError as exc:
@@ -97,25 +152,6 @@ def parse_entry(line: bytes) -> dict[str, Any]:
         ) from None
     except RecursionError:
         raise EvidenceFormatError("entry is nested too deeply") from None
-    if not isinstance(obj, dict):
-        raise EvidenceFormatError(
-            f"an entry must be a JSON object, got {type(obj).__name__}"
-        )
-    # Fast path: the standard encoder orders keys by code point, which equals UTF-16
-    # order unless a key holds characters beyond U+FFFF; only then the slow path.
-    try:
-        if _ENCODER.encode(obj).encode("utf-8") == line:
-            return obj
-    except UnicodeEncodeError:
-        raise EvidenceFormatError(
-            "entry holds text that is not valid Unicode (a lone surrogate)"
-        ) from None
-    if canonical_bytes(obj) != line:
-        raise EvidenceFormatError(
-            "entry bytes are not canonical JSON (whitespace, key order, escapes, "
-            "number form or duplicate keys differ from the canonical encoding)"
-        )
-    return obj
 
 
 def _check_value(value: Any, path: str) -> bool:

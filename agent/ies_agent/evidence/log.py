@@ -69,7 +69,7 @@ import logging
 import os
 import re
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -211,6 +211,7 @@ class EvidenceLog:
         self._synced_time: bool | None = None
         self._closed = False
         self._broken: str | None = None
+        self._listeners: list[Callable[[str, int], None]] = []
 
     # --- opening ----------------------------------------------------------------------
 
@@ -431,6 +432,8 @@ class EvidenceLog:
             ) from None
         self._handover_signer = None
         self._last_checkpoint = note
+        if self._listeners:
+            self._notify("checkpoint", size)
         return note
 
     def sync(self) -> int:
@@ -507,6 +510,31 @@ class EvidenceLog:
         tb: TracebackType | None,
     ) -> None:
         self.close()
+
+    # --- listeners --------------------------------------------------------------------
+
+    def add_listener(self, callback: Callable[[str, int], None]) -> None:
+        """Call ``callback(kind, n)`` after each new entry and each checkpoint.
+
+        ``kind`` is ``"entry"`` (``n``: its ``seq``, written but not yet fsynced) or
+        ``"checkpoint"`` (``n``: the size it signs, already durable). Upstream
+        connectors use it to wake up instead of polling. The callback runs inside the
+        append, so it must only take note (set an event), never call back into the
+        log; an exception it raises is logged and does not fail the append.
+        """
+        self._listeners.append(callback)
+
+    def remove_listener(self, callback: Callable[[str, int], None]) -> None:
+        """Stop calling ``callback``; unknown callbacks are ignored."""
+        with contextlib.suppress(ValueError):
+            self._listeners.remove(callback)
+
+    def _notify(self, kind: str, n: int) -> None:
+        for callback in list(self._listeners):
+            try:
+                callback(kind, n)
+            except Exception:
+                logger.exception("an evidence log listener failed")
 
     # --- state ------------------------------------------------------------------------
 
@@ -615,6 +643,8 @@ class EvidenceLog:
         self._prev = base64.b64encode(digest).decode("ascii")
         self._offset += len(data)
         self._size = seq + 1
+        if self._listeners:
+            self._notify("entry", seq)
         return seq
 
     def _undo_partial_write(self, exc: OSError) -> None:

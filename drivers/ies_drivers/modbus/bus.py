@@ -55,10 +55,9 @@ from ies_drivers.errors import (
     TransportError,
     WrongUnitError,
 )
-from ies_drivers.modbus.model import PointSpec, RegisterFunction
+from ies_drivers.modbus.model import PointSpec
 from ies_drivers.modbus.plan import (
     DEFAULT_MAX_GAP,
-    FUNCTION_CODES,
     MAX_BLOCK,
     Block,
     PointRead,
@@ -493,6 +492,7 @@ class ModbusBus:
         self._transaction_id = 0
         self._last_exchange_end = 0.0
         self._quiet_until = 0.0
+        self._late_unit: int | None = None
         self._silent_streak = 0
         self._frames: deque[str] = deque(maxlen=_RECENT_FRAMES)
         # Link health, owned by _open_link / _drop_link only.
@@ -598,7 +598,7 @@ class ModbusBus:
     async def read_registers(
         self,
         unit: int,
-        function: RegisterFunction | int,
+        function: str | int,
         address: int,
         count: int,
         *,
@@ -770,9 +770,10 @@ class ModbusBus:
                 if not probe:
                     self._note_silence()
                 if self._spec.kind != "tcp":
-                    # RTU has no transaction ids: let a late answer arrive and be
-                    # discarded before the next request, not taken for its answer.
+                    # RTU has no transaction ids: give a late answer a moment to
+                    # arrive and be discarded, and recognise it if it comes later.
                     self._quiet_until = time.monotonic() + self._settle_s
+                    self._late_unit = unit
                 raise
             except WrongUnitError as exc:
                 self._failed(unit, exc, "wrong_unit", probe)
@@ -799,9 +800,9 @@ class ModbusBus:
                     self._failed(unit, error, "exception", probe)
                 else:
                     state.count("exception")
-                    self._answered(unit, latency, probe)
+                    self._answered(unit, latency)
                 raise error
-            self._answered(unit, latency, probe)
+            self._answered(unit, latency)
             return frame, latency
         finally:
             self._lock.release()
@@ -811,6 +812,7 @@ class ModbusBus:
     ) -> RtuFrame:
         """Send one request and collect its answer from the link's bytes."""
         link.clear()
+        late_unit, self._late_unit = self._late_unit, None
         scan: Callable[[bytes | bytearray], ResponseScan]
         if self._spec.kind == "tcp":
             self._transaction_id = self._transaction_id % 0xFFFF + 1
@@ -836,9 +838,15 @@ class ModbusBus:
         while True:
             result = scan(link.buffer)
             if result.state == "frame":
-                self._frames.append("< " + link.buffer.hex())
                 assert result.frame is not None
+                self._frames.append("< " + link.buffer[: result.end].hex())
                 if result.frame.unit != unit:
+                    if result.frame.unit == late_unit:
+                        # The late answer of the unit that just timed out: drop it
+                        # and keep waiting for ours.
+                        del link.buffer[: result.end]
+                        late_unit = None
+                        continue
                     raise WrongUnitError(unit, result.frame.unit)
                 return result.frame
             if link.lost is not None:
@@ -880,12 +888,12 @@ class ModbusBus:
         if wait > 0:
             await asyncio.sleep(wait)
 
-    def _answered(self, unit: int, latency_s: float, probe: bool) -> None:
+    def _answered(self, unit: int, latency_s: float) -> None:
         """Record an answer from ``unit``: reset its failures, log a recovery once."""
         state = self._unit_state(unit)
         state.answers += 1
         state.last_latency_s = latency_s
-        if state.down_since is not None and not probe:
+        if state.down_since is not None:  # set by a polled failure only
             log.info(
                 "unit answers again",
                 extra={
@@ -1044,12 +1052,14 @@ class ModbusBus:
             )
 
 
-def _function_code(function: RegisterFunction | int) -> int:
+def _function_code(function: str | int) -> int:
     """Return the read function code for ``"holding"``/3 or ``"input"``/4."""
     if isinstance(function, str):
-        if function not in FUNCTION_CODES:
-            raise ValueError(f"register table {function!r} is not holding or input")
-        return FUNCTION_CODES[function]
+        if function == "holding":
+            return 3
+        if function == "input":
+            return 4
+        raise ValueError(f"register table {function!r} is not holding or input")
     if function not in (3, 4):
         raise ValueError(
             f"function {function} does not read registers (expected 3 or 4)"

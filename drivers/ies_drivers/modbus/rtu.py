@@ -449,7 +449,8 @@ class ResponseScan:
     give if nothing better arrives; it is empty while nothing but our own echo has
     arrived. ``echo`` says the bytes began with our own request (RS-485 echo);
     ``skipped`` holds bytes before the frame that were neither echo nor frame
-    (garbage, or stale Modbus TCP answers).
+    (garbage, or stale Modbus TCP answers); ``end`` is the offset in the buffer just
+    past the frame.
     """
 
     state: ScanState
@@ -457,6 +458,7 @@ class ResponseScan:
     problem: str = ""
     echo: bool = False
     skipped: bytes = b""
+    end: int = 0
 
 
 def _response_length(data: bytes, function: int) -> int | None:
@@ -523,11 +525,16 @@ def scan_rtu_response(
         except (FrameError, DecodeError) as exc:
             return ResponseScan("invalid", problem=str(exc), echo=echo)
         return ResponseScan(
-            "frame", _with(frame, crc=got), echo=echo, skipped=data[:offset]
+            "frame",
+            _with(frame, crc=got),
+            echo=echo,
+            skipped=data[:offset],
+            end=(len(request) if echo else 0) + offset + length,
         )
 
     if first_short:
-        return ResponseScan("incomplete", problem=first_short, echo=echo)
+        # A damaged frame from the unit asked says more than a garbled length.
+        return ResponseScan("incomplete", problem=first_bad or first_short, echo=echo)
     garbage = (
         f"{len(data)} bytes arrived that hold no response to function {function} "
         f"from unit {unit}: {data[:64].hex(' ')}"
@@ -608,5 +615,8 @@ def scan_mbap_response(
         except (FrameError, DecodeError) as exc:
             return ResponseScan("invalid", problem=str(exc))
         return ResponseScan(
-            "frame", _with(frame, transaction_id=tid), skipped=data[:offset]
+            "frame",
+            _with(frame, transaction_id=tid),
+            skipped=data[:offset],
+            end=offset + end,
         )

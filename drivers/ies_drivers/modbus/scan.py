@@ -19,7 +19,6 @@ from ies_drivers.errors import (
     WrongUnitError,
 )
 from ies_drivers.modbus.bus import GATEWAY_EXCEPTIONS, ModbusBus
-from ies_drivers.modbus.model import RegisterFunction
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +27,7 @@ async def scan_units(
     bus: ModbusBus,
     units: Iterable[int],
     *,
-    function: RegisterFunction | int = "holding",
+    function: str | int = "holding",
     address: int = 0,
     timeout_s: float = 0.5,
 ) -> list[int]:
