@@ -65,7 +65,8 @@ def site_toml(ports: list[int], data_dir: Path) -> str:
     parts = [f'[gateway]\nid = "bench-gw"\ninterval = "15m"\ndata_dir = "{data_dir}"\n']
     for i, port in enumerate(ports):
         parts.append(
-            f'[[buses]]\nid = "bus{i}"\nkind = "tcp"\nhost = "127.0.0.1"\nport = {port}\n\n'
+            f'[[buses]]\nid = "bus{i}"\nkind = "tcp"\nhost = "127.0.0.1"\n'
+            f"port = {port}\n\n"
             f'[[devices]]\nid = "meter{i}"\nbus = "bus{i}"\nunit = 1\n'
             'template = "eastron-sdm630"\npoll_s = 5\n'
         )
@@ -102,10 +103,14 @@ def main() -> int:
                 stderr=subprocess.PIPE,
                 text=True,
             )
-            baseline = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+            baseline = subprocess.Popen(
+                [sys.executable, "-c", "import time; time.sleep(60)"]
+            )
             time.sleep(args.seconds)
             if agent.poll() is not None:
-                print("agent exited early:", agent.stderr.read() if agent.stderr else "")
+                print(
+                    "agent exited early:", agent.stderr.read() if agent.stderr else ""
+                )
                 return 1
             rss, hwm = rss_kib(agent.pid)
             base_rss, _ = rss_kib(baseline.pid)
@@ -117,7 +122,8 @@ def main() -> int:
             server.wait()
     print(
         f"footprint: ies-agent run, {args.devices} Modbus devices, "
-        f"after {args.seconds:g} s: RSS {rss / 1024:.1f} MiB (peak {hwm / 1024:.1f} MiB); "
+        f"after {args.seconds:g} s: RSS {rss / 1024:.1f} MiB "
+        f"(peak {hwm / 1024:.1f} MiB); "
         f"bare python {base_rss / 1024:.1f} MiB; target < 45 MiB -> "
         f"{'PASS' if rss < 45 * 1024 else 'FAIL'}"
     )

@@ -9,10 +9,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from cli_helpers import run_agent
 from pymodbus.server import ModbusTcpServer
 from pymodbus.simulator import DataType, SimData, SimDevice
 
+from cli_helpers import run_agent
 from ies_drivers.sunspec.image import SunSpecImage
 from peers.modbus import UnitFilterProxy
 
@@ -22,7 +22,9 @@ FC01 = "01 03 04 00 00 3F 80 EA 63"  # field case FC-01: SolarEdge CosPhi respon
 class ServerThread:
     """A pymodbus TCP server on a free loopback port, in its own event loop thread."""
 
-    def __init__(self, devices: list[SimDevice], dead_units: tuple[int, ...] = ()) -> None:
+    def __init__(
+        self, devices: list[SimDevice], dead_units: tuple[int, ...] = ()
+    ) -> None:
         self.devices = devices
         self.dead_units = dead_units
         self.port = 0
@@ -91,7 +93,12 @@ def inverter_site(tmp_path: Path) -> Iterator[Path]:
     device = SimDevice(
         3,
         simdata=[
-            SimData(40000, count=len(registers), values=registers, datatype=DataType.REGISTERS)
+            SimData(
+                40000,
+                count=len(registers),
+                values=registers,
+                datatype=DataType.REGISTERS,
+            )
         ],
     )
     with ServerThread([device]) as server:
@@ -160,7 +167,8 @@ def test_read_of_a_silent_device_fails_clearly(tmp_path: Path) -> None:
         site = tmp_path / "site.toml"
         site.write_text(
             f'[gateway]\nid = "gw"\n\n[[buses]]\nid = "lan"\nkind = "tcp"\n'
-            f'host = "127.0.0.1"\nport = {port}\ntimeout_s = 0.3\n\n[[devices]]\nid = "m"\nbus = "lan"\n'
+            f'host = "127.0.0.1"\nport = {port}\ntimeout_s = 0.3\n\n'
+            '[[devices]]\nid = "m"\nbus = "lan"\n'
             'unit = 1\ntemplate = "eastron-sdm630"\n'
         )
         result = run_agent("read", "--config", str(site), "m")
@@ -174,11 +182,18 @@ def test_scan_finds_the_unit_and_its_sunspec_models() -> None:
         3,
         simdata=[
             SimData(0, count=1, values=0, datatype=DataType.REGISTERS),
-            SimData(40000, count=len(registers), values=registers, datatype=DataType.REGISTERS),
+            SimData(
+                40000,
+                count=len(registers),
+                values=registers,
+                datatype=DataType.REGISTERS,
+            ),
         ],
     )
     with ServerThread([device], dead_units=(1, 2, 4)) as server:
-        result = run_agent("scan", "--tcp", f"127.0.0.1:{server.port}", "--units", "1-4")
+        result = run_agent(
+            "scan", "--tcp", f"127.0.0.1:{server.port}", "--units", "1-4"
+        )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "unit 3: answers; SunSpec models [1, 103]" in result.stdout
     assert 'template = "sunspec-inverter"' in result.stdout
@@ -208,5 +223,7 @@ def test_config_check_names_file_line_and_key(tmp_path: Path) -> None:
     result = run_agent("config", "check", str(site))
     assert result.returncode == 1
     assert "broken.toml:12: devices[0].template:" in result.stdout
-    good = run_agent("config", "check", str(Path(__file__).parents[1] / "configs/examples/site.toml"))
+    good = run_agent(
+        "config", "check", str(Path(__file__).parents[1] / "configs/examples/site.toml")
+    )
     assert good.returncode == 0, good.stdout

@@ -28,7 +28,9 @@ def _readings_by_source(data_dir: Path) -> dict[str, int]:
 
 def test_demo_leaves_verifiable_readings_for_every_device(tmp_path: Path) -> None:
     data = tmp_path / "site"
-    result = run_agent("demo", "--data-dir", str(data), "--for", "20", "--interval", "5")
+    result = run_agent(
+        "demo", "--data-dir", str(data), "--for", "20", "--interval", "5"
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "ies-agent verify" in result.stdout  # it says what to run next
 
@@ -79,8 +81,10 @@ def _socat_children(data: Path) -> list[int]:
             cmdline = (proc / "cmdline").read_bytes().split(b"\0")
         except OSError:
             continue
-        if cmdline and cmdline[0].endswith(b"socat") and str(data).encode() in b" ".join(
+        if (
             cmdline
+            and cmdline[0].endswith(b"socat")
+            and str(data).encode() in b" ".join(cmdline)
         ):
             pids.append(int(proc.name))
     return pids

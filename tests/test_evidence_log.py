@@ -34,7 +34,7 @@ from ies_agent.evidence.errors import (
     LogRollbackError,
 )
 from ies_agent.evidence.log import EvidenceLog
-from ies_drivers.reading import ReadingState
+from ies_drivers.reading import Reading, ReadingState
 
 
 @pytest.fixture
@@ -71,6 +71,7 @@ def test_entries_are_canonical_with_the_contract_fields(
     assert boot["ev"] == "boot" and boot["seq"] == 0 and "prev" not in boot
     assert boot["agent"] == {"id": "GW-1", "sw": "0.1.0", "cfg": "sha256:ab"}
     assert boot["interval_s"] == 300 and boot["tz"] == "UTC" and boot["boot"] == 1
+    assert boot["mono_unit"] == "us"
     assert boot["keys"] == [
         {"alg": "ECDSA-P256-SHA256", "vkey": key_card(tmp_path)["vkey"]}
     ]
@@ -83,7 +84,7 @@ def test_entries_are_canonical_with_the_contract_fields(
         "type": "reading",
         "t": evidence_log.format_time(reading.t_ms),
         "tq": "S",
-        "mono": reading.mono_ns,
+        "mono": reading.mono_ns // 1000,
         "boot": 1,
         "prev": b64_sha256(lines[0]),
         "src": "m1",
@@ -270,7 +271,7 @@ def test_reading_without_stamp_takes_the_clock(
             Reading("m1", "103.W", None, "1500", "W", ReadingState.OK, "sunspec:x")
         )
     entry = entries(tmp_path)[seq]
-    assert entry["mono"] >= before.mono_ns and entry["q"] == "103.W"
+    assert entry["mono"] >= before.mono_ns // 1000 and entry["q"] == "103.W"
     assert "cum" not in entry and "obis" not in entry
 
 
@@ -401,3 +402,26 @@ def test_data_dir_files_and_modes(tmp_path: Path, clock: OffsetClock) -> None:
     assert (data_dir / "keys" / "log-key.pem").read_bytes() not in (
         (data_dir / "evidence.jsonl").read_bytes()
     )
+
+
+def test_mono_stays_below_2_pow_53_after_years_of_uptime(tmp_path: Path) -> None:
+    # A gateway up for 10 years: nanoseconds would pass 2^53 after 104 days.
+    ten_years_ns = 10 * 365 * 86_400 * 1_000_000_000
+    log = EvidenceLog.open(tmp_path, gateway_id="GW-1", clock=OffsetClock())
+    stamp = OffsetClock().now()
+    reading = Reading(
+        source="m1",
+        quantity="import_energy",
+        obis="1-0:1.8.0*255",
+        value="1.5",
+        unit="kWh",
+        state=ReadingState.OK,
+        raw="modbus:fc04:0x0048:3fc00000",
+        t_ms=stamp.t_ms,
+        tq="S",
+        mono_ns=ten_years_ns,
+    )
+    log.append_reading(reading)
+    log.close()
+    entry = canonical.parse_entry(log_lines(tmp_path)[1])
+    assert entry["mono"] == ten_years_ns // 1000 < 2**53

@@ -164,8 +164,8 @@ def test_shipped_meters_mark_energy_cumulative_with_obis() -> None:
             assert point.obis is not None and point.obis.split(".")[1] == "8"
             assert point.unit.endswith("h")
         voltage = template.point("voltage_l1")
-        assert (voltage.obis, voltage.unit) == ("1-0:32.7.0", "V")
-        assert template.point("frequency").obis == "1-0:14.7.0"
+        assert (voltage.obis, voltage.unit) == ("1-0:32.7.0*255", "V")
+        assert template.point("frequency").obis == "1-0:14.7.0*255"
 
 
 # --- finding templates ---------------------------------------------------------------

@@ -771,3 +771,35 @@ def test_torn_write_recovered_by_evidence_log_is_a_warning(
     report = verify_path(data, keys=[key])
     assert report.ok
     assert "recovered" in {f.code for f in report.warnings}
+
+
+def test_key_rotation_by_evidence_log_verifies_with_the_old_key(
+    tmp_path: Path,
+) -> None:
+    from ies_agent.evidence.log import EvidenceLog
+
+    clock = _SteppingClock()
+    data = tmp_path / "data"
+    log = EvidenceLog.open(data, gateway_id="GW1", clock=clock, interval_s=900)
+    clock.advance(1000)
+    log.checkpoint()
+    old_key = tmp_path / "registered.vkey"
+    shutil.copy(data / "keys" / "log.vkey", old_key)
+    log.rotate_key()
+    for _ in range(2):
+        clock.advance(1000)
+        log.checkpoint()
+    log.close()
+    report = verify_path(data, keys=[old_key])
+    assert report.findings == [] and len(report.trusted_keys) == 2
+    assert report.signed_size == report.entries
+
+
+def test_ies_agent_command_line_routes_to_verify(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from ies_agent.cli import main as ies_agent
+
+    status = ies_agent(["verify", str(EXAMPLE), "--key", str(EXAMPLE / "log_key.vkey")])
+    assert status == 0
+    assert capsys.readouterr().out.startswith("OK: 0 errors, 0 warnings; 7 entries")

@@ -28,6 +28,14 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "prove": ("ies_agent.evidence.prove_command", "disclose one entry with its proof"),
     "keys": ("ies_agent.evidence.keys_command", "show the gateway's signing key"),
     "export": ("ies_agent.evidence.export_command", "export evidence (OCMF, ...)"),
+    "firstboot": (
+        "ies_agent.commands.firstboot",
+        "import the site file left on the boot partition",
+    ),
+    "update": (
+        "ies_agent.commands.update",
+        "apply a signed update of the agent, with rollback",
+    ),
 }
 
 

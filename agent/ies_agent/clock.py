@@ -1,7 +1,8 @@
 """Gateway time with its quality, and the monotonic clock beside it.
 
 Every entry of the evidence log carries gateway time (UTC milliseconds), its quality
-(``S`` synchronised, ``I`` informative — set by hand or from a device —, ``U`` unknown) and
+(``S`` synchronised, ``I`` informative — set by hand or from a device —,
+``U`` unknown) and
 the monotonic clock, so a verifier can tell a clock step from a gap. Time quality comes
 from the kernel: ``adjtimex(2)`` reports ``TIME_ERROR`` while no time service (NTP,
 chrony, systemd-timesyncd) disciplines the clock.

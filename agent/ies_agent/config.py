@@ -20,6 +20,7 @@ Errors::
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import zoneinfo
 from collections.abc import Mapping, Sequence
@@ -237,19 +238,31 @@ class Site:
     buses: dict[str, BusConfig]
     devices: dict[str, DeviceConfig]
     template_dirs: tuple[Path, ...] = field(default=())
+    skipped: tuple[ConfigProblem, ...] = field(default=())
+    """Problems of device entries left out (``load_site(skip_broken_devices=True)``)."""
     upstreams: tuple[UpstreamConfig, ...] = field(default=())
     storage: StorageConfig = field(default_factory=StorageConfig)
     ocpp: OcppConfig | None = None
     """The OCPP central system and CSMS bridge (``ies_agent.ocpp.config``)."""
 
 
-def load_site(path: str | Path, *, allow_short_interval: bool = False) -> Site:
+def load_site(
+    path: str | Path,
+    *,
+    allow_short_interval: bool = False,
+    skip_broken_devices: bool = False,
+) -> Site:
     """Read, check and return the site configuration at ``path``.
 
     ``allow_short_interval`` accepts 1-60 s intervals without ``demo = true`` (tests).
     Relative paths in the file (``data_dir``, ``template_dirs``) are relative to the
     file's directory. Serial ports are not checked here: the file may be checked on
     another machine. Raises :class:`ConfigError` listing every problem found.
+
+    ``skip_broken_devices`` is for the running agent: when every problem concerns a
+    ``[[devices]]`` entry (a template that does not exist, a bad unit id, …), those
+    devices are left out and the problems returned in ``Site.skipped`` instead of
+    raised, so one bad entry does not keep a gateway from reading the others.
     """
     try:
         document = load_toml(path)
@@ -258,6 +271,15 @@ def load_site(path: str | Path, *, allow_short_interval: bool = False) -> Site:
     reader = _SiteReader(ProblemCollector(document), Path(path), allow_short_interval)
     site = reader.read(document.data)
     problems = reader.problems()
+    if problems and site is not None and skip_broken_devices:
+        broken = reader.broken_device_indexes(problems)
+        if broken is not None:
+            keep = {
+                dev_id: dev
+                for dev_id, dev in site.devices.items()
+                if reader.device_indexes.get(dev_id) not in broken
+            }
+            return dataclasses.replace(site, devices=keep, skipped=tuple(problems))
     if problems or site is None:
         raise ConfigError(problems)
     return site
@@ -299,6 +321,35 @@ class _SiteReader:
         self.short_ok = short_ok
         self.template_problems: list[ConfigProblem] = []
         self._templates: dict[str, TemplateFile | None] = {}
+        self.device_indexes: dict[str, int] = {}
+        """Position of each accepted device among the ``[[devices]]`` tables."""
+        self.template_users: dict[str, list[int]] = {}
+        """Which ``[[devices]]`` tables name each template."""
+
+    def broken_device_indexes(
+        self, problems: Sequence[ConfigProblem]
+    ) -> set[int] | None:
+        """Return the ``[[devices]]`` indexes the problems concern.
+
+        ``None`` when some problem is outside the device entries (gateway, buses, …),
+        which the agent cannot run without.
+        """
+        broken: set[int] = set()
+        for problem in problems:
+            match = re.match(r"devices\[(\d+)\]", problem.key)
+            if match:
+                broken.add(int(match.group(1)))
+                continue
+            users = [
+                index
+                for name, indexes in self.template_users.items()
+                for index in indexes
+                if Path(problem.file).stem == name
+            ]
+            if not users:
+                return None
+            broken.update(users)
+        return broken
 
     def problems(self) -> list[ConfigProblem]:
         """Problems of the site file in line order, then those of its templates."""
@@ -580,6 +631,7 @@ class _SiteReader:
                 )
                 continue
             devices[device.id] = device
+            self.device_indexes[device.id] = index
             id_lines[device.id] = check.document.line_of((*at, "id"))
             units[(device.bus, device.unit)] = device.id
         return devices
@@ -619,6 +671,8 @@ class _SiteReader:
 
         # The template, resolved now so a typo fails at check time, not at 3 a.m.
         name = check.string(table, (*at, "template"), required=True)
+        if name is not None:
+            self.template_users.setdefault(name, []).append(int(at[1]))
         template_file = self.template(name, (*at, "template"), template_dirs)
 
         poll_s = check.number(table, (*at, "poll_s"), default=10.0, low=0.1, high=86400)

@@ -141,7 +141,9 @@ class ModbusDevice:
         if self.template.sunspec and not self._identity:
             await self.open()
         if not self._points:
-            raise TemplateError(f"device {self.id}: template {self.template.id} has no points")
+            raise TemplateError(
+                f"device {self.id}: template {self.template.id} has no points"
+            )
         result = await self.bus.read_points(
             self.unit,
             self._points,

@@ -32,7 +32,9 @@ def _quote(text: str) -> str:
     """Quote ``text`` when it holds spaces, quotes or ``=``."""
     if text and not any(c in text for c in ' "=\n'):
         return text
-    return '"' + text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
+    return (
+        '"' + text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
+    )
 
 
 def setup_logging(level: str = "INFO") -> None:

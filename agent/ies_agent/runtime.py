@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from ies_agent.config import Site
     from ies_agent.devices import SiteDevice
     from ies_agent.evidence.log import EvidenceLog
+    from ies_agent.ocpp.server import CentralSystem
     from ies_drivers.modbus.bus import ModbusBus
 
 log = logging.getLogger(__name__)
@@ -82,14 +83,21 @@ async def run_site(
     clock: Clock | None = None,
     state: AgentState | None = None,
     on_started: Callable[[EvidenceLog, AgentState], Awaitable[None]] | None = None,
+    upstream_wait_s: float = 10.0,
 ) -> RunResult:
     """Run ``site`` until ``stop`` is set; close the log cleanly on the way out.
+
+    The site's ``[[upstreams]]`` connectors run beside the scheduler; after the log
+    is closed they get up to ``upstream_wait_s`` seconds to deliver what is left
+    (its ``shutdown`` entry and last checkpoint included), then stop.
 
     Raises the evidence log's errors (key file with loose permissions, data directory
     locked by another agent) before any device is touched.
     """
     from ies_agent.evidence.log import EvidenceLog
     from ies_agent.scheduler import Scheduler
+    from ies_agent.systemd import ServiceLink
+    from ies_agent.upstream.manager import Upstreams
 
     clock = clock or SystemClock()
     data_dir = Path(data_dir or site.gateway.data_dir)
@@ -106,6 +114,20 @@ async def run_site(
         cfg_hash=config_hash(Path(site.path)),
     )
     buses, devices = build_devices(site)
+    for problem in site.skipped:
+        # A device entry the agent could not use: say so where it explains the gap.
+        log.warning("device left out", extra={"kv": {"problem": str(problem)}})
+        evidence.append_event(
+            "config_error",
+            {
+                "file": problem.file,
+                "line": problem.line,
+                "key": problem.key,
+                "msg": problem.message[:300],
+            },
+        )
+    # systemd: READY once started, a watchdog fed only while the loops beat, STOPPING.
+    service = ServiceLink.from_env()
     scheduler = Scheduler(
         devices,
         evidence,
@@ -113,17 +135,56 @@ async def run_site(
         clock,
         interval_s=site.gateway.interval_s,
         tz=tz,
+        watchdog=service.watchdog,
     )
+    upstreams = Upstreams(
+        site.upstreams,
+        data_dir=data_dir,
+        gateway_id=site.gateway.id,
+        origin=evidence.origin,
+        state=state,
+        storage=site.storage,
+        evidence=evidence,
+    )
+    central: CentralSystem | None = None
     try:
+        upstreams.start()
+        if site.ocpp is not None:
+            # The OCPP central system (and CSMS bridge) listens before devices start.
+            from ies_agent.ocpp.server import CentralSystem
+
+            central = CentralSystem(
+                site.ocpp,
+                data_dir=data_dir,
+                evidence=evidence,
+                state=state,
+                clock=clock,
+            )
+            await central.start()
         for bus in buses.values():
             await bus.start()
         if on_started is not None:
             await on_started(evidence, state)
-        await scheduler.run(stop)
+        await service.started(
+            f"{site.gateway.id}: {len(devices)} devices, log at seq {evidence.size}",
+            evidence=evidence,
+        )
+        if central is None:
+            await scheduler.run(stop)
+        else:
+            async with asyncio.TaskGroup() as group:
+                group.create_task(central.serve(stop), name="ocpp:central-system")
+                group.create_task(scheduler.run(stop), name="scheduler")
     finally:
+        await service.stopping()
         for bus in buses.values():
             with contextlib.suppress(Exception):
                 await bus.close()
         entries = evidence.size
-        evidence.close()
-    return RunResult(data_dir, entries + 2, scheduler.intervals_done, evidence.last_checkpoint)
+        try:
+            evidence.close()
+        finally:
+            await upstreams.finish(upstream_wait_s)
+    return RunResult(
+        data_dir, entries + 2, scheduler.intervals_done, evidence.last_checkpoint
+    )

@@ -16,10 +16,11 @@ the bus driver's back-off keeps a dead device from stalling its line.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Sequence
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 from zoneinfo import ZoneInfo
 
 from ies_agent.clock import Clock
@@ -29,7 +30,13 @@ from ies_agent.state import AgentState
 from ies_drivers.errors import DeviceBackedOff, DriverError
 from ies_drivers.reading import Reading
 
+if TYPE_CHECKING:
+    from ies_agent.systemd import Watchdog
+
 log = logging.getLogger(__name__)
+
+READ_GRACE_S = 300.0
+"""Longest a turn's reads may take before its loop counts as hung (watchdog)."""
 
 
 class EvidenceSink(Protocol):
@@ -40,7 +47,11 @@ class EvidenceSink(Protocol):
         ...
 
     def append_event(
-        self, ev: str, fields: dict[str, object] | None = None, *, src: str | None = None
+        self,
+        ev: str,
+        fields: dict[str, object] | None = None,
+        *,
+        src: str | None = None,
     ) -> int:
         """Append one event; return its ``seq``."""
         ...
@@ -62,8 +73,10 @@ class Scheduler:
         *,
         interval_s: int,
         tz: ZoneInfo,
+        watchdog: Watchdog | None = None,
     ) -> None:
         self.devices = list(devices)
+        self.watchdog = watchdog
         self.evidence = evidence
         self.state = state
         self.clock = clock
@@ -74,6 +87,10 @@ class Scheduler:
 
     async def run(self, stop: asyncio.Event) -> None:
         """Run until ``stop`` is set; every task is named and ends with this call."""
+        if self.watchdog is not None:
+            for device in self.devices:
+                self.watchdog.expect(f"poll:{device.id}", device.poll_s + READ_GRACE_S)
+            self.watchdog.expect("intervals", READ_GRACE_S)
         async with asyncio.TaskGroup() as group:
             for device in self.devices:
                 group.create_task(self._open_device(device), name=f"open:{device.id}")
@@ -104,6 +121,7 @@ class Scheduler:
         period = device.poll_s
         next_at = time.monotonic()
         while not stop.is_set():
+            self._beat(f"poll:{device.id}", period + READ_GRACE_S)
             await self._read(device, live=True)
             next_at += period
             delay = next_at - time.monotonic()
@@ -119,6 +137,7 @@ class Scheduler:
         while not stop.is_set():
             now = self.clock.now()
             boundary = next_boundary_ms(now.t_ms, self.interval_s, self.tz)
+            self._beat("intervals", (boundary - now.t_ms) / 1000 + READ_GRACE_S)
             await _wait(stop, (boundary - now.t_ms) / 1000)
             if stop.is_set():
                 return
@@ -130,6 +149,11 @@ class Scheduler:
                     self.evidence.append_reading(reading)
             self.evidence.checkpoint()
             self.intervals_done += 1
+
+    def _beat(self, loop: str, within_s: float) -> None:
+        """Tell the watchdog ``loop`` is alive; its next beat is due within_s later."""
+        if self.watchdog is not None:
+            self.watchdog.healthy(loop, within_s)
 
     # -- one read ----------------------------------------------------------------------
 
@@ -166,7 +190,7 @@ class Scheduler:
         slot_ms: int | None = None,
         during: str = "read",
     ) -> None:
-        """Count a device fault; log an outage once; record it where it explains a gap."""
+        """Count a fault, log an outage once, record it where it explains a gap."""
         ds = self.state.device(device_id)
         kind = type(exc).__name__
         ds.faults[kind] += 1
@@ -196,7 +220,5 @@ async def _wait(stop: asyncio.Event, delay_s: float) -> None:
     """Sleep ``delay_s`` seconds or until ``stop`` is set, whichever comes first."""
     if delay_s <= 0:
         return
-    try:
+    with contextlib.suppress(TimeoutError):
         await asyncio.wait_for(stop.wait(), timeout=delay_s)
-    except TimeoutError:
-        pass

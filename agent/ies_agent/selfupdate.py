@@ -1,4 +1,4 @@
-"""Self-update: install a signed package, and keep it only if the agent comes up healthy.
+"""Self-update: install a signed package; keep it only if the agent comes up healthy.
 
 ``ies-agent update apply MANIFEST`` (as root) takes a signed manifest from the upstream
 (an ``https://`` or ``http://`` URL; the signature, not the transport, is what is
@@ -51,6 +51,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import importlib
 import json
 import logging
 import os
@@ -68,6 +69,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+# Imported here, not when first used: after dpkg has replaced the agent's files on disk,
+# the updater must not load any module of the new version (see the module docstring).
+from ies_agent.evidence import keys
+from ies_agent.evidence.errors import EvidenceError, LogLockedError
+from ies_agent.evidence.log import EvidenceLog
 from ies_agent.signing.manifest import (
     Manifest,
     ManifestError,
@@ -76,6 +82,9 @@ from ies_agent.signing.manifest import (
     verify_payload,
 )
 from ies_agent.systemd import read_health
+
+# keys imports the signed-note module lazily; load it now for the same reason.
+importlib.import_module("ies_agent.evidence.note")
 
 log = logging.getLogger(__name__)
 
@@ -133,14 +142,18 @@ class UpdateBusyError(UpdateError):
     """Raised when another ``ies-agent update`` holds the update lock."""
 
 
-# --- the journal ---------------------------------------------------------------------
+# --- the journal ----------------------------------------------------------------------
 
 
 class EventSink(Protocol):
     """What recording steps needs of the evidence log."""
 
     def append_event(
-        self, ev: str, fields: Mapping[str, Any] | None = None, *, src: str | None = None
+        self,
+        ev: str,
+        fields: Mapping[str, Any] | None = None,
+        *,
+        src: str | None = None,
     ) -> int:
         """Append one event; return its ``seq``."""
         ...
@@ -284,10 +297,6 @@ def record_now(data_dir: Path, journal: UpdateJournal) -> int | None:
     yet: the steps wait for the first start). Raises ``EvidenceError`` for other
     problems with the log.
     """
-    from ies_agent.evidence import keys
-    from ies_agent.evidence.errors import LogLockedError
-    from ies_agent.evidence.log import EvidenceLog
-
     if not journal.pending():
         return 0
     card = keys.read_key_card(data_dir)
@@ -305,7 +314,7 @@ def record_now(data_dir: Path, journal: UpdateJournal) -> int | None:
         evidence.close()
 
 
-# --- dpkg ----------------------------------------------------------------------------
+# --- dpkg -----------------------------------------------------------------------------
 
 
 class Dpkg:
@@ -332,7 +341,9 @@ class Dpkg:
             raise DpkgError(f"cannot run {argv[0]} to {what}: {exc.strerror}") from None
         if done.returncode != 0:
             tail = " | ".join((done.stderr or done.stdout).strip().splitlines()[-6:])
-            raise DpkgError(f"{argv[0]} failed to {what} (exit {done.returncode}): {tail}")
+            raise DpkgError(
+                f"{argv[0]} failed to {what} (exit {done.returncode}): {tail}"
+            )
         return done.stdout
 
     def architecture(self) -> str:
@@ -407,7 +418,9 @@ class Dpkg:
         conffiles = [
             line.split()[0]
             for line in fields.get("Conffiles", "").splitlines()
-            if line.strip() and "obsolete" not in line and "remove-on-upgrade" not in line
+            if line.strip()
+            and "obsolete" not in line
+            and "remove-on-upgrade" not in line
         ]
         name = deb_file_name(package, fields["Version"], fields["Architecture"])
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -419,7 +432,9 @@ class Dpkg:
             debian = tree / "DEBIAN"
             debian.mkdir()
             control = "".join(
-                f"{key}: {fields[key]}\n" for key in _KEPT_CONTROL_FIELDS if key in fields
+                f"{key}: {fields[key]}\n"
+                for key in _KEPT_CONTROL_FIELDS
+                if key in fields
             )
             (debian / "control").write_text(control, encoding="utf-8")
             if conffiles:
@@ -483,7 +498,9 @@ def upstream_version(version: str) -> str:
     ``~`` of pre-releases removed, to compare with ``ies_agent.__version__``.
     """
     without_epoch = version.split(":", 1)[-1]
-    upstream = without_epoch.rsplit("-", 1)[0] if "-" in without_epoch else without_epoch
+    upstream = (
+        without_epoch.rsplit("-", 1)[0] if "-" in without_epoch else without_epoch
+    )
     return upstream.replace("~", "")
 
 
@@ -561,7 +578,11 @@ class HealthFileProbe:
     """
 
     def __init__(
-        self, path: Path = DEFAULT_HEALTH_FILE, *, beats_needed: int = 2, poll_s: float = 1.0
+        self,
+        path: Path = DEFAULT_HEALTH_FILE,
+        *,
+        beats_needed: int = 2,
+        poll_s: float = 1.0,
     ) -> None:
         self.path = Path(path)
         self.beats_needed = beats_needed
@@ -594,10 +615,10 @@ class HealthFileProbe:
                     f"{timeout_s:g} s (last seen: {last_seen})",
                     waited,
                 )
-            time.sleep(min(self.poll_s, max(0.0, timeout_s - waited)) or self.poll_s)
+            time.sleep(max(0.01, min(self.poll_s, timeout_s - waited)))
 
 
-# --- applying an update ----------------------------------------------------------------
+# --- applying an update ---------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -681,7 +702,7 @@ class Updater:
         """Copy pending steps into the evidence log if we can hold it now."""
         try:
             recorded = record_now(self.settings.data_dir, self.journal)
-        except Exception as exc:  # the log's own errors: recorded later by the agent
+        except (EvidenceError, OSError) as exc:  # recorded later by the agent
             log.warning("cannot record update steps now", extra={"kv": {"error": exc}})
             return False
         return recorded is not None
@@ -711,16 +732,16 @@ class Updater:
                 raise
             if previous == manifest.version:
                 self._step("already_installed", version=manifest.version)
-                return self._result("unchanged", manifest.version, previous, (
-                    f"{self.settings.package} {manifest.version} is already installed"
-                ))
-            assert previous is not None  # _check refuses a package that is not installed
+                return self._result(
+                    "unchanged",
+                    manifest.version,
+                    previous,
+                    f"{self.settings.package} {manifest.version} is installed already",
+                )
             rollback = self._save_previous(previous)
             return self._install(manifest, deb, previous, rollback)
 
-    def _check(
-        self, source: str, package: Path | None
-    ) -> tuple[Manifest, Path, str | None]:
+    def _check(self, source: str, package: Path | None) -> tuple[Manifest, Path, str]:
         """Verify everything before touching the system; raise UpdateRejected."""
         settings = self.settings
         try:
@@ -806,13 +827,14 @@ class Updater:
         timeout = self.settings.health_timeout_s
         self.service.stop()
         self._step("installing", version=manifest.version, previous=previous)
-        # The agent is stopped: record what happened so far while we hold the log and
-        # before dpkg replaces the code on disk.
-        recorded = self._record()
+        # The agent is stopped: record what happened so far while the log is free.
+        self._record()
         try:
             self.dpkg.install(deb)
         except DpkgError as exc:
-            self._step("install_failed", version=manifest.version, reason=str(exc)[:500])
+            self._step(
+                "install_failed", version=manifest.version, reason=str(exc)[:500]
+            )
             return self._roll_back(manifest.version, previous, rollback, str(exc))
         self._step("installed", version=manifest.version)
         self.service.start()
@@ -828,7 +850,6 @@ class Updater:
                 previous,
                 f"{self.settings.package} {manifest.version} installed and healthy "
                 f"after {verdict.waited_s:.0f} s",
-                recorded=recorded and False,
             )
         self._step("unhealthy", version=manifest.version, reason=verdict.reason[:500])
         return self._roll_back(manifest.version, previous, rollback, verdict.reason)
@@ -875,14 +896,10 @@ class Updater:
                 old.unlink(missing_ok=True)
 
     def _result(
-        self,
-        outcome: str,
-        version: str,
-        previous: str | None,
-        message: str,
-        *,
-        recorded: bool = False,
+        self, outcome: str, version: str, previous: str | None, message: str
     ) -> UpdateResult:
+        # A running agent holds the log and records the steps itself within seconds.
+        recorded = self._record() and not self.journal.pending()
         return UpdateResult(
             outcome,
             version,
@@ -894,7 +911,7 @@ class Updater:
         )
 
 
-# --- sources ----------------------------------------------------------------------------
+# --- sources --------------------------------------------------------------------------
 
 
 def _is_url(source: str) -> bool:
@@ -923,7 +940,7 @@ def _fetch_package(manifest: Manifest, base: str, state_dir: Path) -> Path:
 
 def _download_bytes(url: str, limit: int) -> bytes:
     try:
-        with urllib.request.urlopen(url, timeout=30) as response:  # noqa: S310
+        with urllib.request.urlopen(url, timeout=30) as response:
             data: bytes = response.read(limit + 1)
     except (urllib.error.URLError, TimeoutError) as exc:
         raise OSError(f"cannot download {url}: {exc}") from None
@@ -938,9 +955,10 @@ def _download_file(url: str, target: Path, size: int) -> None:
         raise OSError(f"{url}: {size} bytes is more than this updater downloads")
     part = target.with_name(target.name + ".part")
     try:
-        with urllib.request.urlopen(url, timeout=30) as response, part.open(  # noqa: S310
-            "wb"
-        ) as out:
+        with (
+            urllib.request.urlopen(url, timeout=30) as response,
+            part.open("wb") as out,
+        ):
             received = 0
             while chunk := response.read(1 << 16):
                 received += len(chunk)
@@ -952,22 +970,23 @@ def _download_file(url: str, target: Path, size: int) -> None:
     os.replace(part, target)
 
 
-# --- small helpers ----------------------------------------------------------------------
+# --- small helpers --------------------------------------------------------------------
 
 
 def _make_state_dir(state: Path, *, owner_of: Path) -> None:
-    """Create ``state`` owned like ``owner_of`` (the agent must write its journal)."""
+    """Create ``state`` and its journal, owned like ``owner_of`` when we are root.
+
+    The agent (its own user) appends nothing but must mark steps recorded, so the
+    directory and journal files belong to the owner of the data directory.
+    """
     state.mkdir(parents=True, exist_ok=True)
-    with contextlib.suppress(OSError):
-        info = owner_of.stat()
-        if os.geteuid() == 0:
-            os.chown(state, info.st_uid, info.st_gid)
-            for name in (JOURNAL_FILE, RECORDED_FILE):
-                if (state / name).exists():
-                    os.chown(state / name, info.st_uid, info.st_gid)
-            if not (state / JOURNAL_FILE).exists():
-                (state / JOURNAL_FILE).touch(mode=0o640)
-                os.chown(state / JOURNAL_FILE, info.st_uid, info.st_gid)
+    for name in (JOURNAL_FILE, RECORDED_FILE):
+        (state / name).touch(mode=0o640)
+    if os.geteuid() != 0:
+        return
+    info = owner_of.stat()
+    for path in (state, state / JOURNAL_FILE, state / RECORDED_FILE):
+        os.chown(path, info.st_uid, info.st_gid)
 
 
 @contextlib.contextmanager
@@ -987,4 +1006,7 @@ def _update_lock(path: Path) -> Iterator[None]:
 
 def _utc_now() -> str:
     t = time.time()
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + f".{int(t % 1 * 1000):03d}Z"
+    return (
+        time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t))
+        + f".{int(t % 1 * 1000):03d}Z"
+    )

@@ -96,6 +96,45 @@ class UpstreamState:
 
 
 @dataclass
+class ChargerStatus:
+    """What the agent knows about one OCPP charger right now.
+
+    ``connectors`` maps connector (1.6) or EVSE (2.x) numbers to their last status;
+    ``journal_backlog`` counts messages still to deliver to the CSMS.
+    """
+
+    id: str
+    version: str | None = None
+    connected: bool = False
+    identity: dict[str, str] = field(default_factory=dict)
+    connectors: dict[str, str] = field(default_factory=dict)
+    open_transactions: int = 0
+    journal_backlog: int = 0
+    csms_connected: bool | None = None
+    last_seen_ms: int | None = None
+    warnings: int = 0
+    last_warning: str | None = None
+    dispatch: dict[str, Any] | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        """Return a JSON-ready view."""
+        return {
+            "id": self.id,
+            "version": self.version,
+            "connected": self.connected,
+            "identity": dict(self.identity),
+            "connectors": dict(self.connectors),
+            "open_transactions": self.open_transactions,
+            "journal_backlog": self.journal_backlog,
+            "csms_connected": self.csms_connected,
+            "last_seen_ms": self.last_seen_ms,
+            "warnings": self.warnings,
+            "last_warning": self.last_warning,
+            "dispatch": self.dispatch,
+        }
+
+
+@dataclass
 class AgentState:
     """Everything the status page shows, keyed by device id and upstream name.
 
@@ -107,6 +146,13 @@ class AgentState:
     evidence: dict[str, Any] = field(default_factory=dict)
     upstreams: dict[str, UpstreamState] = field(default_factory=dict)
     storage: dict[str, Any] = field(default_factory=dict)
+    chargers: dict[str, ChargerStatus] = field(default_factory=dict)
+
+    def charger(self, charger_id: str) -> ChargerStatus:
+        """Return the status of charger ``charger_id``, creating it on first use."""
+        if charger_id not in self.chargers:
+            self.chargers[charger_id] = ChargerStatus(charger_id)
+        return self.chargers[charger_id]
 
     def device(self, device_id: str) -> DeviceState:
         """Return the state of ``device_id``, creating it on first use."""
@@ -122,4 +168,5 @@ class AgentState:
             "evidence": dict(self.evidence),
             "upstreams": {k: v.as_dict() for k, v in self.upstreams.items()},
             "storage": dict(self.storage),
+            "chargers": {k: v.as_dict() for k, v in self.chargers.items()},
         }

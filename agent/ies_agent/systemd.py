@@ -39,9 +39,12 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ies_agent import __version__
+
+if TYPE_CHECKING:
+    from ies_agent.evidence.log import EvidenceLog
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +89,7 @@ class Notifier:
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Notifier:
-        """Return a notifier for ``$NOTIFY_SOCKET`` (disabled when unset or unusable)."""
+        """Return the notifier for ``$NOTIFY_SOCKET``; off when unset or unusable."""
         env = os.environ if environ is None else environ
         value = env.get("NOTIFY_SOCKET", "")
         if not value:
@@ -282,17 +285,14 @@ class Watchdog:
             while not stop.is_set():
                 if self.check():
                     self.pets += 1
-                    notifier.send(
-                        "WATCHDOG=1", *_status(status() if status else None)
-                    )
+                    notifier.send("WATCHDOG=1", *_status(status() if status else None))
                     if health_file is not None:
                         write_health(health_file, self.pets, len(self._loops))
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), timeout=self.interval_s)
         finally:
             if health_file is not None:
-                with contextlib.suppress(OSError):
-                    health_file.unlink()
+                remove_health(health_file)
 
 
 def health_file_from_env(environ: Mapping[str, str] | None = None) -> Path | None:
@@ -325,6 +325,12 @@ def write_health(path: Path, beats: int, loops: int) -> None:
         log.debug("cannot write health file", extra={"kv": {"error": exc}})
 
 
+def remove_health(path: Path) -> None:
+    """Remove the health file ``path`` (the agent is no longer healthy: it stops)."""
+    with contextlib.suppress(OSError):
+        os.unlink(path)
+
+
 def read_health(path: Path) -> dict[str, Any] | None:
     """Return the health record at ``path``, or ``None`` if absent or unreadable."""
     try:
@@ -335,11 +341,11 @@ def read_health(path: Path) -> dict[str, Any] | None:
 
 
 class ServiceLink:
-    """What ``run_site`` tells its service manager, in three calls.
+    """What ``run_site`` tells its service manager.
 
     ``started()`` after the buses are up and the log is open (``READY=1``, start the
     watchdog feeder and the update-journal drain), ``stopping()`` on the way out.
-    Both are harmless outside systemd. ``watchdog`` is what the scheduler beats.
+    Both are harmless outside systemd. ``watchdog`` is what the scheduler's loops beat.
     """
 
     def __init__(
@@ -365,15 +371,12 @@ class ServiceLink:
         )
 
     async def started(
-        self,
-        status: str,
-        *,
-        journal_drain: Callable[[asyncio.Event], Any] | None = None,
+        self, status: str, *, evidence: EvidenceLog | None = None
     ) -> None:
         """Send ``READY=1`` with ``status``; start feeding the watchdog.
 
-        ``journal_drain(stop)`` is an optional coroutine function run as a named task
-        alongside (the self-update journal drain); it must return once ``stop`` is set.
+        With ``evidence`` (the open log), also start recording pending self-update
+        steps into it (``ies_agent.selfupdate.drain_journal``) every few seconds.
         """
         self.notifier.ready(status)
         if self.notifier.enabled or self.health_file is not None:
@@ -385,9 +388,14 @@ class ServiceLink:
                     name="watchdog",
                 )
             )
-        if journal_drain is not None:
+        if evidence is not None:
+            from ies_agent.selfupdate import drain_journal
+
             self._tasks.append(
-                asyncio.create_task(journal_drain(self._stop), name="update-journal")
+                asyncio.create_task(
+                    drain_journal(evidence, evidence.data_dir, self._stop),
+                    name="update-journal",
+                )
             )
 
     async def stopping(self, status: str = "stopping") -> None:

@@ -3,13 +3,13 @@
 Every error says who broke what, in a sentence an installer can act on::
 
     DriverError                      base of everything below
-    ├── FrameError                   bytes on the wire are not a valid frame (CRC, length)
+    ├── FrameError                   bytes on the wire are no valid frame (CRC, length)
     ├── DecodeError                  a valid frame whose content cannot become a value
     ├── DeviceError                  the device answered, but not with what we asked for
     │   ├── ExceptionResponse        a Modbus exception response (codes 1-4, 6, 10, 11)
     │   └── WrongUnitError           a response from another unit id than the one asked
     ├── DeviceTimeout                no complete answer within the deadline
-    ├── DeviceBackedOff              the device failed recently and is not asked again yet
+    ├── DeviceBackedOff              the device failed recently; not asked again yet
     ├── TransportError               the bus itself (serial port, TCP connection) failed
     └── TemplateError                a device template is missing or malformed
 
@@ -18,6 +18,8 @@ boundary of each transport; nothing else leaves the drivers.
 """
 
 from __future__ import annotations
+
+from typing import ClassVar
 
 
 class DriverError(Exception):
@@ -44,7 +46,7 @@ class ExceptionResponse(DeviceError):
     11 gateway target failed to respond).
     """
 
-    NAMES = {
+    NAMES: ClassVar[dict[int, str]] = {
         1: "illegal function",
         2: "illegal data address",
         3: "illegal data value",

@@ -1,16 +1,17 @@
 """The Reading: one value of one quantity of one device at one time.
 
-Values are exact decimal strings, never floats, so what a meter said is what the evidence
-log keeps. A Reading names its quantity by OBIS code where one exists (DESIGN section 2).
+Values are exact decimal strings, never floats, so what a meter said is what the
+evidence log keeps. A Reading names its quantity by OBIS code where one exists
+(DESIGN section 2).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from enum import Enum
+from enum import StrEnum
 
 
-class ReadingState(str, Enum):
+class ReadingState(StrEnum):
     """State of a reading, as the one-letter code kept in the evidence log (``st``)."""
 
     OK = "G"

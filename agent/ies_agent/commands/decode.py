@@ -1,15 +1,18 @@
-"""``ies-agent decode --protocol modbus-rtu HEX``: read a captured frame by eye.
+"""``ies-agent decode --protocol PROTOCOL HEX``: read a captured frame by eye.
 
-Prints the unit id, the function and the registers in hex, so a technician can check a
-frame captured with a serial sniffer. Exit status 1 when the frame is broken (bad CRC,
-short, not hex), 0 otherwise.
+``modbus-rtu`` prints the unit id, the function and the registers in hex, so a
+technician can check a frame captured with a serial sniffer. ``dlms-hdlc`` prints
+each HDLC frame (addresses, control, HCS/FCS) and the APDU they carry; ``dlms-apdu``
+prints one APDU (from a TCP wrapper capture, say): its type and the data tree with
+OBIS codes written ``A-B:C.D.E``. Exit status 1 when the frame is broken (bad CRC,
+HCS or FCS, short, not hex, an APDU cut off), 0 otherwise.
 """
 
 from __future__ import annotations
 
 import argparse
 
-PROTOCOLS = ("modbus-rtu",)
+PROTOCOLS = ("modbus-rtu", "dlms-hdlc", "dlms-apdu")
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -29,6 +32,8 @@ def main(args: argparse.Namespace) -> int:
     from ies_drivers.errors import DriverError
     from ies_drivers.modbus.rtu import decode_rtu_frame, parse_hex
 
+    if args.protocol in ("dlms-hdlc", "dlms-apdu"):
+        return _decode_dlms(args.protocol, args.hex)
     try:
         frame = decode_rtu_frame(parse_hex(args.hex))
     except DriverError as exc:
@@ -64,4 +69,21 @@ def main(args: argparse.Namespace) -> int:
         for i, value in enumerate(frame.registers):
             where = f"+{i}" if frame.address is None else str(frame.address + i)
             print(f"  [{where}] 0x{value:04X}  ({value})")
+    return 0
+
+
+def _decode_dlms(protocol: str, text: str) -> int:
+    """Print a DLMS capture; return 1 if it is broken."""
+    from ies_drivers.dlms.decode import describe_apdu, describe_hdlc
+    from ies_drivers.errors import DriverError
+    from ies_drivers.modbus.rtu import parse_hex
+
+    try:
+        data = parse_hex(text)
+        lines = describe_hdlc(data) if protocol == "dlms-hdlc" else describe_apdu(data)
+    except DriverError as exc:
+        print(f"invalid frame: {exc}")
+        return 1
+    for line in lines:
+        print(line)
     return 0

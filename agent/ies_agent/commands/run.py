@@ -24,10 +24,12 @@ def main(args: argparse.Namespace) -> int:
     from ies_agent.runtime import run_site
 
     try:
-        site = load_site(args.config)
+        site = load_site(args.config, skip_broken_devices=True)
     except ConfigError as exc:
         print(exc)
         return 1
+    for problem in site.skipped:
+        print(f"warning: device left out: {problem}")
 
     async def run() -> None:
         stop = asyncio.Event()

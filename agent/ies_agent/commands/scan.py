@@ -68,7 +68,9 @@ def main(args: argparse.Namespace) -> int:
             print(exc)
             return 1
         if args.bus not in site.buses:
-            print(f"{args.config}: no bus {args.bus!r} (buses: {', '.join(site.buses)})")
+            print(
+                f"{args.config}: no bus {args.bus!r} (buses: {', '.join(site.buses)})"
+            )
             return 1
         spec = site.buses[args.bus].to_bus_spec()
     elif args.serial:
@@ -90,7 +92,9 @@ def main(args: argparse.Namespace) -> int:
         if args.tcp:
             spec = BusSpec(name="scan", kind="tcp", host=host, port=port_number)
         else:
-            spec = BusSpec(name="scan", kind="rtu-over-tcp", host=host, port=port_number)
+            spec = BusSpec(
+                name="scan", kind="rtu-over-tcp", host=host, port=port_number
+            )
     try:
         default_units = "1-10" if spec.kind == "tcp" else "1-247"
         units = parse_units(args.units or default_units)

@@ -39,6 +39,24 @@ def configure(parser: argparse.ArgumentParser) -> None:
         metavar="SECONDS",
         help="evidence interval in seconds (default 5; must divide a day)",
     )
+    parser.add_argument(
+        "--mqtt",
+        metavar="URL",
+        help="also deliver the evidence to this MQTT broker (mqtt://host:port)",
+    )
+    parser.add_argument(
+        "--ies-endpoint",
+        metavar="URL",
+        help="also post the evidence as IES MeterData to this Beckn endpoint",
+    )
+    parser.add_argument(
+        "--upstream-wait",
+        type=float,
+        default=30.0,
+        metavar="SECONDS",
+        help="at the end, wait this long at most for upstreams to catch up "
+        "(default 30)",
+    )
 
 
 def main(args: argparse.Namespace) -> int:
@@ -48,14 +66,23 @@ def main(args: argparse.Namespace) -> int:
     from ies_agent.demo.site import DemoError, run_demo
 
     if args.interval <= 0 or 86_400 % args.interval:
-        print(f"ies-agent demo: --interval {args.interval} must divide a day (5, 10, 60…)")
+        print(
+            f"ies-agent demo: --interval {args.interval} must divide a day (5, 10, 60…)"
+        )
         return 2
     if args.duration is not None and args.duration <= 0:
         print("ies-agent demo: --for takes a positive number of seconds")
         return 2
     try:
         return asyncio.run(
-            run_demo(Path(args.data_dir), duration_s=args.duration, interval_s=args.interval)
+            run_demo(
+                Path(args.data_dir),
+                duration_s=args.duration,
+                interval_s=args.interval,
+                mqtt_url=args.mqtt,
+                ies_endpoint=args.ies_endpoint,
+                upstream_wait_s=args.upstream_wait,
+            )
         )
     except DemoError as exc:
         print(f"ies-agent demo: {exc}")

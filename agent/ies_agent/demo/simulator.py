@@ -2,8 +2,9 @@
 
 Each simulated device is a pymodbus ``SimDevice`` whose registers are refreshed from the
 site model on every request, so what the agent reads is what the site is doing at that
-moment. Register images come from the shipped templates (meters) and from a SunSpec image
-(the inverter): the simulator encodes with the same codec the agent decodes with, and the
+moment. Register images come from the shipped templates (meters) and from a SunSpec
+image (the inverter): the simulator encodes with the same codec the agent decodes
+with, and the
 agent's read path is the real one — TCP sockets and a serial line on a pseudo-terminal
 pair.
 """
@@ -67,7 +68,7 @@ class TemplateMeter:
         self.snapshot: Snapshot | None = None
 
     def blocks(self) -> dict[str, tuple[int, int]]:
-        """Return ``{function: (first address, register count)}`` covering all points."""
+        """Return ``{function: (first address, count)}`` covering all points."""
         spans: dict[str, tuple[int, int]] = {}
         for p in self.template.points:
             lo, hi = spans.get(p.function, (p.address, p.end))
@@ -95,7 +96,7 @@ class TemplateMeter:
             if p.function != function or p.scale_factor is not None:
                 continue
             offset = p.address - start
-            if 0 <= offset and offset + p.count <= len(registers):
+            if offset >= 0 and offset + p.count <= len(registers):
                 registers[offset : offset + p.count] = encode_point(
                     p, self.value_of(p, values)
                 )
@@ -128,7 +129,7 @@ def _die_with_parent() -> None:
 
 
 def open_serial_line(workdir: Path, timeout_s: float = 5.0) -> SerialLine | None:
-    """Start ``socat`` with a linked pair of pseudo-terminals; ``None`` without socat."""
+    """Start ``socat`` with a linked pair of pseudo-terminals (``None``: no socat)."""
     socat = shutil.which("socat")
     if socat is None:
         return None
@@ -145,7 +146,7 @@ def open_serial_line(workdir: Path, timeout_s: float = 5.0) -> SerialLine | None
         ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
-        preexec_fn=_die_with_parent,  # noqa: PLW1509 - only prctl, async-signal-safe
+        preexec_fn=_die_with_parent,
     )
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -283,7 +284,7 @@ class SunSpecInverter:
 
 
 def sim_device(unit: int, device: TemplateMeter | SunSpecInverter) -> SimDevice:
-    """Return a pymodbus ``SimDevice`` serving ``device``, refreshed on every request."""
+    """Return a pymodbus ``SimDevice`` serving ``device``, fresh on every request."""
     from pymodbus.simulator import DataType, SimData, SimDevice
 
     spans = device.blocks()

@@ -121,6 +121,38 @@ def _port(server: Any) -> int:
     return port
 
 
+def upstream_tables(mqtt_url: str | None, ies_endpoint: str | None) -> str:
+    """Return ``[[upstreams]]`` tables for ``--mqtt`` / ``--ies-endpoint`` (or "").
+
+    The demo reconnects quickly (back-off capped at 3 s) so an outage is short.
+    """
+    text = ""
+    if mqtt_url:
+        text += (
+            "\n[[upstreams]]\n"
+            'name = "demo-mqtt"\n'
+            'kind = "mqtt"\n'
+            f"url = {_toml_string(mqtt_url)}\n"
+            "backoff_max_s = 3\n"
+            "telemetry_s = 5\n"
+        )
+    if ies_endpoint:
+        text += (
+            "\n[[upstreams]]\n"
+            'name = "demo-ies"\n'
+            'kind = "ies-https"\n'
+            f"url = {_toml_string(ies_endpoint)}\n"
+            'mode = "adapter"\n'
+            "backoff_max_s = 3\n"
+        )
+    return text
+
+
+def _toml_string(text: str) -> str:
+    """Return ``text`` as a TOML basic string."""
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
 def site_file(data_dir: Path, ports: DemoPorts, interval_s: int) -> str:
     """Return the site configuration (TOML) describing this run's simulators."""
     if ports.serial_port is not None:
@@ -131,7 +163,9 @@ def site_file(data_dir: Path, ports: DemoPorts, interval_s: int) -> str:
             "gap_ms = 5\n"
         )
     else:
-        line = f'kind = "rtu-over-tcp"\nhost = "127.0.0.1"\nport = {ports.rtu_over_tcp}\n'
+        line = (
+            f'kind = "rtu-over-tcp"\nhost = "127.0.0.1"\nport = {ports.rtu_over_tcp}\n'
+        )
     return f"""\
 # Written by `ies-agent demo` for this run: simulated devices on loopback ports.
 # Check it with: ies-agent config check {data_dir / "site.toml"}
@@ -191,14 +225,24 @@ poll_s = 3
 """
 
 
-async def run_demo(data_dir: Path, *, duration_s: float | None, interval_s: int) -> int:
-    """Run the demo site for ``duration_s`` seconds (None: until a signal)."""
+async def run_demo(
+    data_dir: Path,
+    *,
+    duration_s: float | None,
+    interval_s: int,
+    mqtt_url: str | None = None,
+    ies_endpoint: str | None = None,
+    upstream_wait_s: float = 30.0,
+) -> int:
+    """Run the demo site for ``duration_s`` seconds (None: until a signal).
+
+    ``mqtt_url`` / ``ies_endpoint`` add upstreams; when the run ends the agent waits
+    up to ``upstream_wait_s`` seconds for them to take what is left.
+    """
     from ies_agent.config import ConfigError, load_site
     from ies_agent.evidence.errors import EvidenceError
     from ies_agent.runtime import run_site
 
-    data_dir = data_dir.resolve()
-    data_dir.mkdir(parents=True, exist_ok=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -208,14 +252,17 @@ async def run_demo(data_dir: Path, *, duration_s: float | None, interval_s: int)
 
     async with simulators(data_dir, stop) as ports:
         site_path = data_dir / "site.toml"
-        site_path.write_text(site_file(data_dir, ports, interval_s))
+        text = site_file(data_dir, ports, interval_s)
+        site_path.write_text(text + upstream_tables(mqtt_url, ies_endpoint))
         try:
             site = load_site(site_path)
         except ConfigError as exc:
             raise DemoError(f"the generated site file is invalid:\n{exc}") from None
         _banner(data_dir, ports, interval_s, duration_s)
         try:
-            result = await run_site(site, stop, data_dir=data_dir)
+            result = await run_site(
+                site, stop, data_dir=data_dir, upstream_wait_s=upstream_wait_s
+            )
         except EvidenceError as exc:
             raise DemoError(str(exc)) from None
 
@@ -225,7 +272,7 @@ async def run_demo(data_dir: Path, *, duration_s: float | None, interval_s: int)
         "What to run next:\n"
         f"  ies-agent verify {data_dir}                # check the signed log offline\n"
         f"  ies-agent keys show --data-dir {data_dir}  # the key card for the utility\n"
-        f"  ies-agent prove {data_dir} --seq 3         # disclose one entry with proof\n"
+        f"  ies-agent prove {data_dir} --seq 3         # one entry with its proof\n"
         f"  ies-agent export {data_dir} --format ocmf  # signed OCMF records\n"
         f"  ies-agent demo --data-dir {data_dir}       # continue this site's log"
     )
@@ -243,9 +290,11 @@ def _banner(
     )
     until = f"for {duration_s:g} s" if duration_s else "until Ctrl-C"
     print(
-        f"IES edge agent demo — simulated site, evidence every {interval_s} s, {until}\n"
+        f"IES edge agent demo — simulated site, "
+        f"evidence every {interval_s} s, {until}\n"
         f"  grid meter   Modbus TCP 127.0.0.1:{ports.grid_meter} (Eastron SDM630 map)\n"
-        f"  inverter     Modbus TCP 127.0.0.1:{ports.inverter} (SunSpec 1/103/120/123)\n"
+        f"  inverter     Modbus TCP 127.0.0.1:{ports.inverter} "
+        "(SunSpec 1/103/120/123)\n"
         f"  house meter  {line}, unit 5 (Rishabh Master 3430 map)\n"
         f"  EV meter     same RS-485 line, unit 6 (Eastron SDM630 map)\n"
         f"  evidence log {data_dir / 'evidence.jsonl'}\n"

@@ -17,6 +17,7 @@ from pathlib import Path
 
 FORMATS: dict[str, tuple[str, str]] = {
     "ocmf": ("ies_agent.evidence.ocmf", "write_export"),
+    "ies-meterdata": ("ies_agent.upstream.meterdata", "write_export"),
 }
 """Export format name -> (module, handler function)."""
 

@@ -5,7 +5,8 @@ Files in the data directory (the layout the verifier reads too):
 - ``evidence.jsonl``: one canonical JSON entry per line (see ``canonical``),
   ``\\n``-terminated; the stored bytes are the hashed bytes. Each entry carries ``seq``
   (0-based, contiguous), ``prev`` (base64 SHA-256 of the previous line), gateway time
-  ``t`` with its quality ``tq``, the monotonic clock ``mono`` (ns) and the ``boot``
+  ``t`` with its quality ``tq``, the monotonic clock ``mono`` (µs, declared by
+  ``mono_unit`` in the boot event) and the ``boot``
   counter; readings add ``src`` and ``sseq`` (per source, contiguous across boots).
 - ``checkpoints.jsonl``: one line ``{"note": <signed note>, "size": N}`` per checkpoint.
   A checkpoint first appends a ``checkpoint`` event, then signs the RFC 6962 root of the
@@ -298,6 +299,7 @@ class EvidenceLog:
                 "keys": [{"alg": key.alg_name, "vkey": log._signer.vkey()}],
                 "interval_s": interval_s,
                 "tz": tz,
+                "mono_unit": "us",
             }
             if scan.size:
                 boot["prev_shutdown"] = "clean" if scan.clean_end else "unclean"
@@ -622,7 +624,7 @@ class EvidenceLog:
             "seq": seq,
             "t": format_time(stamp.t_ms),
             "tq": stamp.tq,
-            "mono": stamp.mono_ns,
+            "mono": stamp.mono_ns // 1_000,  # µs: below 2^53 for 285 years
             "boot": self._boot,
         }
         if self._prev is not None:

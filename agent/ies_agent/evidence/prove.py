@@ -46,16 +46,40 @@ def build_bundle(path: Path, seq: int) -> dict[str, Any]:
     no log at ``path``.
     """
     log_path, directory = find_log(path)
+
+    # Checkpoints that could cover seq, smallest first.
+    candidates: list[tuple[int, str, note.Checkpoint]] = []
+    for record in directory_checkpoints(directory):
+        try:
+            text, _ = note.split_note(record.note)
+            checkpoint = note.parse_checkpoint(text)
+        except NoteError:
+            continue
+        if seq < checkpoint.size:
+            candidates.append((checkpoint.size, record.note, checkpoint))
+    candidates.sort(key=lambda item: item[0])
+    wanted = candidates[-1][0] if candidates else seq + 1
+
+    # One pass over the log: the entry, and the leaf hashes the trees need.
+    leaves: list[bytes] = []
+    line: bytes | None = None
+    count = 0
     try:
-        data = log_path.read_bytes()
+        with log_path.open("rb") as stream:
+            for raw in stream:
+                if not raw.endswith(b"\n"):
+                    break  # a torn last piece is never an entry
+                if count == seq:
+                    line = raw[:-1]
+                if count < wanted:
+                    leaves.append(merkle.leaf_hash(raw[:-1]))
+                count += 1
     except OSError as exc:
         raise VerifyInputError(f"cannot read {log_path}: {exc}") from None
-    lines = data.split(b"\n")[:-1]  # a torn last piece is never an entry
-    if not 0 <= seq < len(lines):
+    if line is None:
         raise ProofError(
-            f"seq {seq} is not in {log_path}, which holds entries 0..{len(lines) - 1}"
+            f"seq {seq} is not in {log_path}, which holds entries 0..{count - 1}"
         )
-    line = lines[seq]
     try:
         declared = json.loads(line).get("seq")
     except (ValueError, AttributeError):
@@ -65,25 +89,13 @@ def build_bundle(path: Path, seq: int) -> dict[str, Any]:
             f"line {seq + 1} of {log_path} is not entry seq {seq} (it says "
             f"{declared!r}): the log is damaged; run 'ies-agent verify {path}'"
         )
-
-    # Checkpoints that cover seq, smallest first.
-    covering: list[tuple[int, str, note.Checkpoint]] = []
-    for record in directory_checkpoints(directory):
-        try:
-            text, _ = note.split_note(record.note)
-            checkpoint = note.parse_checkpoint(text)
-        except NoteError:
-            continue
-        if seq < checkpoint.size <= len(lines):
-            covering.append((checkpoint.size, record.note, checkpoint))
+    covering = [c for c in candidates if c[0] <= count]
     if not covering:
         raise ProofError(
             f"no checkpoint covers seq {seq} yet (the agent signs one at every "
             "interval boundary and at shutdown); try again after the next one"
         )
-    covering.sort(key=lambda item: item[0])
 
-    leaves = [merkle.leaf_hash(raw) for raw in lines[: covering[-1][0]]]
     frontier = merkle.MerkleFrontier()
     for size, signed_note, checkpoint in covering:
         while frontier.size < size:

@@ -32,6 +32,12 @@ Interval slots are aligned to the local wall clock of the boot event's ``tz``
 (``(t + utc offset) mod interval``), as the scheduler does in zones without daylight
 saving.
 
+Cost. The log is read once, front to back; per entry about 50 bytes stay in memory
+(its reported ``seq``, leaf hash and time), so logs larger than memory verify. Every
+entry is parsed and re-encoded to prove its bytes canonical and hashed twice (leaf and
+``prev``); every checkpoint signature is verified. ``bench/bench_verify.py`` measures
+the throughput.
+
 Errors::
 
     EvidenceError (ies_agent.evidence.errors)
@@ -43,10 +49,12 @@ Errors::
 from __future__ import annotations
 
 import base64
+import bisect
 import gc
 import hashlib
 import json
 import re
+from array import array
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -378,10 +386,6 @@ def _verify_log_file(
     pinned: list[note.NoteVerifier],
     references: list[CheckpointRecord],
 ) -> Report:
-    try:
-        data = log_path.read_bytes()
-    except OSError as exc:
-        raise VerifyInputError(f"cannot read {log_path}: {exc}") from None
     records = directory_checkpoints(directory)
     findings: list[Finding] = []
     if pinned:
@@ -404,9 +408,13 @@ def _verify_log_file(
                 "registered key with --key to pin it",
             )
         )
-    report = verify_log(
-        data, records, verifiers, references=references, path=str(log_path)
-    )
+    try:
+        with log_path.open("rb") as stream:
+            report = verify_log(
+                stream, records, verifiers, references=references, path=str(log_path)
+            )
+    except OSError as exc:
+        raise VerifyInputError(f"cannot read {log_path}: {exc}") from None
     report.pinned = is_pinned
     report.findings[:0] = findings
     return report
@@ -549,70 +557,100 @@ def verify_bundle(
 
 
 def verify_log(
-    data: bytes,
+    data: bytes | Iterable[bytes],
     checkpoints: Sequence[CheckpointRecord],
     verifiers: Sequence[note.NoteVerifier],
     *,
     references: Sequence[CheckpointRecord] = (),
     path: str = "<log>",
 ) -> Report:
-    """Verify log bytes ``data`` against ``checkpoints`` signed by ``verifiers``.
+    """Verify a log against ``checkpoints`` signed by ``verifiers``.
 
-    ``references`` are checkpoints obtained earlier from elsewhere (rollback check).
-    Never raises for bad evidence: everything is a finding in the returned report.
+    ``data`` is the log's bytes, or its lines with their newlines (an open binary
+    file works: the log is read once, front to back, and about 50 bytes per entry
+    are kept, so a log larger than memory verifies too). ``references`` are
+    checkpoints obtained earlier from elsewhere (rollback check). Never raises for
+    bad evidence: everything is a finding in the returned report.
     """
-    # A run builds one dict per entry and no reference cycles; the cyclic collector
-    # would only rescan them again and again (about 15 % of the time at 10^5).
+    if isinstance(data, bytes):
+        # Split at b"\n" only: a stray b"\r" inside an altered entry stays in it.
+        pieces = data.split(b"\n")
+        lines: Iterable[bytes] = [piece + b"\n" for piece in pieces[:-1]]
+        if pieces[-1]:
+            lines = [*lines, pieces[-1]]
+    else:
+        lines = data
+    # A run builds short-lived dicts and no reference cycles; the cyclic collector
+    # would only scan them again and again.
     collecting = gc.isenabled()
     gc.disable()
     try:
-        return _LogCheck(data, checkpoints, verifiers, references, path).run()
+        return _LogCheck(checkpoints, verifiers, references, path).run(lines)
     finally:
         if collecting:
             gc.enable()
-
-
-@dataclass(slots=True)
-class _Line:
-    """One stored line and what is known about it."""
-
-    raw: bytes
-    entry: dict[str, Any] | None
-    declared: int | None
-    label: int = -1
-    """The ``seq`` this line is reported as."""
-    structural: bool = False
-    """Misplaced: missing before it, duplicated, out of order or relabelled."""
 
 
 def _b64_sha256(raw: bytes) -> str:
     return base64.b64encode(hashlib.sha256(raw).digest()).decode("ascii")
 
 
+_NONE = -1
+"""Stands for "no value" in the per-line integer arrays."""
+_MAX_JUMP = 1_000_000
+"""A ``seq`` further ahead than this is an altered field, not a gap."""
+
+
 class _LogCheck:
-    """One verification run over a log; ``run`` does the phases in order."""
+    """One verification run over a log, in one pass plus a resolution at the end.
+
+    Per stored line only a few numbers are kept (its reported ``seq``, leaf hash,
+    time), never the entry itself.
+    """
 
     def __init__(
         self,
-        data: bytes,
         checkpoints: Sequence[CheckpointRecord],
         verifiers: Sequence[note.NoteVerifier],
         references: Sequence[CheckpointRecord],
         path: str,
     ) -> None:
-        self.data = data
         self.records = list(checkpoints)
         self.references = list(references)
         self.trusted = list(verifiers)
         self.report = Report(path=path, kind="log")
-        self.lines: list[_Line] = []
         self.findings: list[Finding] = []
         self._reported: set[tuple[int | None, str]] = set()
-        self._parse_errors: list[tuple[int, str]] = []
-        self._last_link_broken = False
         self.blamed: dict[int, int] = {}
         """Stored line position -> seq named by an error about that line."""
+        self.count = 0
+        """Complete lines read."""
+        self.labels = array("q")
+        """Position -> the seq the line is reported as."""
+        self.leaves = bytearray()
+        """Leaf hashes, 32 bytes per position."""
+        self.times = array("q")
+        """Position -> gateway time (UTC ms) or ``_NONE``."""
+        self.structural = bytearray()
+        """Position -> 1 when misplaced (gap before it, duplicate, out of order,
+        relabelled)."""
+        self.seen = bytearray()
+        """seq -> 1 once a line is reported as that seq."""
+        self.no_prev = array("q")
+        """Positions (> 0) of entries without ``prev``."""
+        self.gaps: list[tuple[int, int, int]] = []
+        """(position, expected seq, declared seq) where the log jumps ahead."""
+        self.breaks: list[int] = []
+        """Positions p where line p-1 does not hash to line p's ``prev``."""
+        self.rotations: list[tuple[int, str, str]] = []
+        """(position, old vkey, new vkey) of every ``key_rotation`` event."""
+        self.roots: dict[int, bytes] = {}
         self._torn = b""
+        self._last_link_broken = False
+        self._prev_hash = ""
+        """base64 SHA-256 of the line before the one being read."""
+        self._prev_ok = False
+        """Whether that line parsed and sits where it belongs."""
 
     def add(
         self,
@@ -632,14 +670,13 @@ class _LogCheck:
         self._reported.add((seq, code))
         self.findings.append(Finding(seq, severity, code, message))
 
-    def run(self) -> Report:
-        self._read_lines()
-        self._place_lines()
-        self._check_chain()
-        _EntryCheck(self).run()
+    def run(self, lines: Iterable[bytes]) -> Report:
+        self._stream(lines, self._wanted_sizes())
+        self._resolve_gaps()
+        self._resolve_chain()
         self._check_checkpoints()
         report = self.report
-        report.entries = len(self.lines)
+        report.entries = self.count
         report.checkpoints = len(self.records)
         report.trusted_keys = [v.label for v in self.trusted]
         report.findings = sorted(
@@ -648,175 +685,213 @@ class _LogCheck:
         )
         return report
 
-    # --- phase 1: lines ---------------------------------------------------------------
+    def _wanted_sizes(self) -> set[int]:
+        """Sizes named by any checkpoint body (signatures are checked later)."""
+        sizes = set()
+        for record in (*self.records, *self.references):
+            try:
+                text, _ = note.split_note(record.note)
+                sizes.add(note.parse_checkpoint(text).size)
+            except NoteError:
+                continue
+        return sizes
 
-    def _read_lines(self) -> None:
-        pieces = self.data.split(b"\n")
-        torn = pieces.pop()  # empty when the file ends with a newline
-        for raw in pieces:
+    # --- the pass ---------------------------------------------------------------------
+
+    def _stream(self, lines: Iterable[bytes], sizes: set[int]) -> None:
+        """Read every line once: parse, hash, place, chain, check its contents.
+
+        A line is handled when the next one has been parsed, because where it
+        belongs can depend on the ``seq`` of its successor.
+        """
+        entries = _EntryCheck(self)
+        frontier = merkle.MerkleFrontier()
+        if 0 in sizes:
+            self.roots[0] = frontier.root()
+        pending: tuple[bytes, bytes, dict[str, Any] | None, int, str | None] | None
+        pending = None
+        for raw in lines:
+            if not raw.endswith(b"\n"):
+                self._torn = raw  # only the last piece can lack its newline
+                break
+            raw = raw[:-1]
             try:
                 entry: dict[str, Any] | None = parse_entry(raw)
                 error = None
             except EvidenceFormatError as exc:
                 entry, error = None, str(exc)
-            declared = None
+            declared = _NONE
             if entry is not None:
                 seq = entry.get("seq")
-                if isinstance(seq, int) and not isinstance(seq, bool) and seq >= 0:
+                if type(seq) is int and seq >= 0:
                     declared = seq
-            if error is not None:
-                self._parse_errors.append((len(self.lines), error))
-            self.lines.append(_Line(raw, entry, declared))
-        self._torn = torn
-
-    # --- phase 2: where each line belongs ---------------------------------------------
-
-    def _place_lines(self) -> None:
-        lines = self.lines
-        counts: dict[int, int] = {}
-        for line in lines:
-            if line.declared is not None:
-                counts[line.declared] = counts.get(line.declared, 0) + 1
-        declared_set = set(counts)
-        seen: dict[int, int] = {}  # seq -> position of its first line
-        highest = -1
-        for pos, line in enumerate(lines):
-            expected = highest + 1
-            declared = line.declared
-            next_declared = lines[pos + 1].declared if pos + 1 < len(lines) else None
-            if declared is None or declared == expected:
-                line.label = expected
-            elif next_declared == expected + 1 and counts.get(expected, 0) == 0:
-                # The neighbours agree this is entry `expected`: its seq field changed.
-                line.label = expected
-                line.structural = True
-                self.add(
-                    expected,
-                    ERROR,
-                    "seq_mismatch",
-                    f"entry stored as seq {expected} (between its neighbours) says "
-                    f"seq {declared}: it was altered",
-                    pos=pos,
-                )
-            else:
-                line.label = declared
-                line.structural = True
-                if declared in seen:
-                    first = lines[seen[declared]]
-                    same = first.raw == line.raw
-                    self.add(
-                        declared,
-                        ERROR,
-                        "duplicate",
-                        f"entry seq {declared} is stored twice (lines "
-                        f"{seen[declared] + 1} and {pos + 1})"
-                        f"{'' if same else ' with different content'}",
-                        pos=pos,
-                    )
-                elif declared < expected:
-                    self.add(
-                        declared,
-                        ERROR,
-                        "out_of_order",
-                        f"entry seq {declared} is stored after seq {highest} "
-                        f"(line {pos + 1}): entries were reordered",
-                        pos=pos,
-                    )
-                else:
-                    missing = [
-                        s for s in range(expected, declared) if s not in declared_set
-                    ]
-                    if missing:
-                        self._report_missing(missing, declared, pos)
-                    else:
-                        self.add(
-                            declared,
-                            ERROR,
-                            "out_of_order",
-                            f"entry seq {declared} is stored before seq {expected} "
-                            f"(line {pos + 1}): entries were reordered",
-                            pos=pos,
-                        )
-            seen.setdefault(line.label, pos)
-            highest = max(highest, line.label)
-        for pos, error in self._parse_errors:
-            self.add(
-                lines[pos].label, ERROR, "bad_line", f"{error}: it was altered", pos=pos
-            )
+            if pending is not None:
+                self._line(*pending, declared, entries)
+            # Hash as we go, recording the root wherever a checkpoint needs one.
+            leaf = merkle.leaf_hash(raw)
+            frontier.append(leaf)
+            if frontier.size in sizes:
+                self.roots[frontier.size] = frontier.root()
+            pending = (raw, leaf, entry, declared, error)
+        if pending is not None:
+            self._line(*pending, _NONE, entries)
+        entries.finish(self.count)
         if self._torn:
             self.add(
-                highest + 1,
+                len(self.seen),
                 WARNING,
                 "torn_tail",
                 f"the log ends in an incomplete line ({len(self._torn)} bytes without "
                 "a newline): a write was cut off; the agent cuts it at its next start",
             )
 
-    def _report_missing(self, missing: list[int], before: int, pos: int) -> None:
-        # Group consecutive seqs into ranges.
-        start = prev = missing[0]
-        for seq in [*missing[1:], None]:
-            if seq is not None and seq == prev + 1:
-                prev = seq
-                continue
-            what = (
-                f"entry seq {start}"
-                if start == prev
-                else f"entries seq {start}..{prev}"
+    def _line(
+        self,
+        raw: bytes,
+        leaf: bytes,
+        entry: dict[str, Any] | None,
+        declared: int,
+        error: str | None,
+        next_declared: int,
+        entries: _EntryCheck,
+    ) -> None:
+        pos = self.count
+        self.count += 1
+        label, structural = self._place(pos, leaf, declared, next_declared)
+        self.leaves += leaf
+        self.labels.append(label)
+        self.structural.append(structural)
+        if error is not None:
+            self.add(label, ERROR, "bad_line", f"{error}: it was altered", pos=pos)
+        if entry is not None:
+            self._link(pos, entry, structural)
+            if entry.get("ev") == "key_rotation":
+                old, new = entry.get("old_vkey"), entry.get("new_vkey")
+                if isinstance(old, str) and isinstance(new, str):
+                    self.rotations.append((pos, old, new))
+        self._prev_hash = _b64_sha256(raw)
+        self._prev_ok = entry is not None and not structural
+        self.times.append(entries.line(pos, label, entry, structural))
+
+    def _place(
+        self, pos: int, leaf: bytes, declared: int, next_declared: int
+    ) -> tuple[int, int]:
+        """Return (label, structural) of the line at ``pos``, reporting misplacement."""
+        seen = self.seen
+        expected = len(seen)  # one more than the highest seq reported so far
+        if declared in (_NONE, expected):
+            seen.append(1)
+            return expected, 0
+        if next_declared == expected + 1 or declared > expected + _MAX_JUMP:
+            # The neighbours agree this is entry `expected`: its seq field changed.
+            seen.append(1)
+            self.add(
+                expected,
+                ERROR,
+                "seq_mismatch",
+                f"entry stored as seq {expected} (between its neighbours) says "
+                f"seq {declared}: it was altered",
+                pos=pos,
             )
+            return expected, 1
+        if declared > expected:
+            # Entries expected..declared-1 come later (reordered) or never
+            # (deleted): decided once the whole log is read.
+            self.gaps.append((pos, expected, declared))
+            seen.extend(bytes(declared - expected))
+            seen.append(1)
+            return declared, 1
+        if seen[declared]:
+            labels = self.labels
+            # Usually nothing before it moved and seq N is line N.
+            usual = declared < len(labels) and labels[declared] == declared
+            first = declared if usual else labels.index(declared)
+            same = self.leaves[32 * first : 32 * first + 32] == leaf
+            self.add(
+                declared,
+                ERROR,
+                "duplicate",
+                f"entry seq {declared} is stored twice (lines {first + 1} and "
+                f"{pos + 1}){'' if same else ' with different content'}",
+                pos=pos,
+            )
+            return declared, 1
+        seen[declared] = 1
+        self.add(
+            declared,
+            ERROR,
+            "out_of_order",
+            f"entry seq {declared} is stored after seq {expected - 1} (line "
+            f"{pos + 1}): entries were reordered",
+            pos=pos,
+        )
+        return declared, 1
+
+    def _link(self, pos: int, entry: Mapping[str, Any], structural: int) -> None:
+        """Check this entry's ``prev`` against the line before it."""
+        if pos == 0:
+            return
+        prev = entry.get("prev")
+        if prev is None:
+            self.no_prev.append(pos)
+            if len(self.no_prev) < pos and not structural:
+                self.add(
+                    self.labels[pos],
+                    WARNING,
+                    "no_prev",
+                    "entry has no 'prev' although earlier entries do",
+                )
+            return
+        if prev != self._prev_hash and not structural and self._prev_ok:
+            self.breaks.append(pos)
+
+    # --- after the pass ---------------------------------------------------------------
+
+    def _resolve_gaps(self) -> None:
+        """Tell deleted entries from reordered ones, now that every seq is known."""
+        seen = self.seen
+        for pos, expected, declared in self.gaps:
+            missing = [s for s in range(expected, declared) if not seen[s]]
+            if missing:
+                self._report_missing(missing, declared, pos)
+            else:
+                self.add(
+                    declared,
+                    ERROR,
+                    "out_of_order",
+                    f"entry seq {declared} is stored before seq {expected} "
+                    f"(line {pos + 1}): entries were reordered",
+                    pos=pos,
+                )
+
+    def _report_missing(self, missing: list[int], before: int, pos: int) -> None:
+        for start, end in _runs(missing):
+            what = _seq_range(start, end)
             self.add(
                 start,
                 ERROR,
                 "missing",
-                f"{what} {'is' if start == prev else 'are'} missing (the log jumps to "
-                f"seq {before}): deleted",
+                f"{what} missing (the log jumps to seq {before}): deleted",
                 pos=pos,
             )
-            if seq is not None:
-                start = prev = seq
 
-    # --- phase 3: the prev chain ------------------------------------------------------
-
-    def _check_chain(self) -> None:
-        lines = self.lines
-        breaks: list[int] = []  # position p: line p-1 does not hash to line p's prev
-        has_prev = False
-        for pos in range(1, len(lines)):
-            line = lines[pos]
-            if line.entry is None:
-                continue
-            prev = line.entry.get("prev")
-            if prev is None:
-                if has_prev and not line.structural:
-                    self.add(
-                        line.label,
-                        WARNING,
-                        "no_prev",
-                        "entry has no 'prev' although earlier entries do",
-                    )
-                continue
-            has_prev = True
-            before = lines[pos - 1]
-            if prev == _b64_sha256(before.raw):
-                continue
-            if line.structural or before.structural or before.entry is None:
-                continue  # already reported as misplaced or unreadable
-            breaks.append(pos)
+    def _resolve_chain(self) -> None:
+        """Name the altered entry at each broken ``prev`` link."""
+        breaks = self.breaks
         broken = set(breaks)
         for pos in breaks:
             if pos - 1 in broken:
                 continue  # consumed by the double break below
             if pos + 1 in broken:
-                label = lines[pos].label
                 self.add(
-                    label,
+                    self.labels[pos],
                     ERROR,
                     "altered",
                     "entry was altered: its 'prev' does not match the entry before it "
                     "and its hash does not match the 'prev' of the entry after it",
                     pos=pos,
                 )
-            elif pos == len(lines) - 1:
+            elif pos == self.count - 1:
                 # The last link: the entry before, or the last entry's own 'prev',
                 # was changed; a checkpoint may tell which (see _check_checkpoints).
                 self._last_link_broken = True
@@ -825,25 +900,25 @@ class _LogCheck:
 
     def _blame_before_link(self, pos: int) -> None:
         """Name the entry before ``pos`` as altered: its hash no longer matches."""
-        lines = self.lines
+        labels = self.labels
         self.add(
-            lines[pos - 1].label,
+            labels[pos - 1],
             ERROR,
             "altered",
             f"entry was altered: its SHA-256 does not match the 'prev' of the next "
-            f"entry (seq {lines[pos].label})",
+            f"entry (seq {labels[pos]})",
             pos=pos - 1,
         )
 
     def _resolve_last_link(self, good_sizes: Sequence[int]) -> None:
         """Blame the last link's break on one side when a checkpoint vouches for the
         other, else on both."""
-        lines = self.lines
-        last = len(lines) - 1
+        labels = self.labels
+        last = self.count - 1
         if max(good_sizes, default=0) >= last:
             # The entry before the last is signed intact: the last one changed.
             self.add(
-                lines[last].label,
+                labels[last],
                 ERROR,
                 "altered",
                 "entry was altered: its 'prev' does not match the entry before it, "
@@ -853,19 +928,17 @@ class _LogCheck:
             return
         self._blame_before_link(last)
         self.add(
-            lines[last].label,
+            labels[last],
             ERROR,
             "altered",
-            f"the 'prev' of this last entry does not match seq {lines[last - 1].label}:"
+            f"the 'prev' of this last entry does not match seq {labels[last - 1]}:"
             " one of the two was altered (no checkpoint tells which)",
             pos=last,
         )
 
-    # --- phase 4: checkpoints ---------------------------------------------------------
-
     def _check_checkpoints(self) -> None:
-        lines = self.lines
-        rotations = self._rotations()
+        count = self.count
+        rotations = self.rotations
         opened: list[tuple[CheckpointRecord, note.Checkpoint | None]] = []
         origin: str | None = None
         for record in self.records:
@@ -889,10 +962,7 @@ class _LogCheck:
             if checkpoint is not None:
                 references.append((record, checkpoint))
 
-        # Roots of the stored lines at every size a checkpoint names.
-        sizes = {c.size for _, c in opened if c is not None}
-        sizes.update(c.size for _, c in references)
-        roots = _roots_at(lines, sizes)
+        roots = self.roots
 
         # Sizes never shrink; each root matches the lines.
         largest = 0
@@ -914,17 +984,17 @@ class _LogCheck:
                     f"{largest}: the log went back",
                 )
             largest = max(largest, size)
-            if size > len(lines):
+            if size > count:
                 self.add(
-                    len(lines),
+                    count,
                     ERROR,
                     "checkpoint_beyond_log",
                     f"{record.where}: checkpoint signs {size} entries but the log "
-                    f"holds {len(lines)}: "
+                    f"holds {count}: "
                     + (
                         "entries were removed (see above)"
                         if self.blamed
-                        else f"{_seq_range(len(lines), size - 1)} gone (the log was "
+                        else f"{_seq_range(count, size - 1)} gone (the log was "
                         "cut short or replaced by an older copy)"
                     ),
                 )
@@ -950,36 +1020,24 @@ class _LogCheck:
             self._check_reference(record, checkpoint, roots, largest)
 
         if not self.records:
-            if lines:
+            if count:
                 self.add(
                     None,
                     WARNING,
                     "no_checkpoint",
-                    f"no checkpoint found: none of the {len(lines)} entries is "
+                    f"no checkpoint found: none of the {count} entries is "
                     "protected by a signature",
                 )
-        elif min(largest, len(lines)) < len(lines):
-            start, end = largest, len(lines) - 1
+        elif largest < count:
+            start, end = largest, count - 1
             self.add(
-                lines[start].label,
+                self.labels[start],
                 WARNING,
                 "unprotected",
                 f"{_seq_range(start, end)} not covered by a checkpoint yet "
                 f"({end - start + 1} after the last one): not yet protected by a "
                 "signature",
             )
-
-    def _rotations(self) -> list[tuple[int, str, str]]:
-        """Return (position, old vkey, new vkey) of every ``key_rotation`` event."""
-        found = []
-        for pos, line in enumerate(self.lines):
-            entry = line.entry
-            if entry is None or entry.get("ev") != "key_rotation":
-                continue
-            old, new = entry.get("old_vkey"), entry.get("new_vkey")
-            if isinstance(old, str) and isinstance(new, str):
-                found.append((pos, old, new))
-        return found
 
     def _open(
         self,
@@ -1074,7 +1132,7 @@ class _LogCheck:
         roots: Mapping[int, bytes],
         largest: int,
     ) -> None:
-        size, count = checkpoint.size, len(self.lines)
+        size, count = checkpoint.size, self.count
         if size > count:
             local = (
                 f"; the local checkpoints reach only {largest} entries"
@@ -1105,7 +1163,7 @@ class _LogCheck:
             else ""
         )
         named = sorted({seq for pos, seq in self.blamed.items() if low <= pos < size})
-        seq = self.lines[size - 1].label
+        seq = last = self.labels[size - 1]
         if named:
             seq = named[0]
             where = ", ".join(str(s) for s in named[:10])
@@ -1114,16 +1172,16 @@ class _LogCheck:
                 f"see seq {where}{later}"
             )
         else:
-            last = self.lines[size - 1]
-            chained = all(
-                line.entry is not None and "prev" in line.entry
-                for line in self.lines[max(low, 1) : size]
+            first_without = bisect.bisect_left(self.no_prev, max(low, 1))
+            chained = (
+                first_without == len(self.no_prev)
+                or self.no_prev[first_without] >= size
             )
             if chained:
                 message = (
                     f"checkpoint of {size} entries does not match the log (root "
                     f"differs); the 'prev' chain holds up to here, so the last signed "
-                    f"entry, seq {last.label}, was altered{later}"
+                    f"entry, seq {last}, was altered{later}"
                 )
             else:
                 message = (
@@ -1139,23 +1197,6 @@ def _seq_range(first: int, last: int) -> str:
     if first == last:
         return f"entry seq {first} is"
     return f"entries seq {first}..{last} are"
-
-
-def _roots_at(lines: Sequence[_Line], sizes: Iterable[int]) -> dict[int, bytes]:
-    """Return the Merkle root of the first ``n`` stored lines for each wanted ``n``."""
-    wanted = sorted(s for s in set(sizes) if 0 <= s <= len(lines))
-    roots: dict[int, bytes] = {}
-    frontier = merkle.MerkleFrontier()
-    index = 0
-    if wanted and wanted[0] == 0:
-        roots[0] = frontier.root()
-    leaf_hash = merkle.leaf_hash
-    for size in wanted:
-        while index < size:
-            frontier.append(leaf_hash(lines[index].raw))
-            index += 1
-        roots[size] = frontier.root()
-    return roots
 
 
 # --- entry contents -------------------------------------------------------------------
@@ -1345,40 +1386,48 @@ class _EntryCheck:
         """src -> the sseq its last reading should have had, when it had another."""
         self.cumulative: dict[tuple[str, str], tuple[Decimal, int, int]] = {}
         """(src, quantity) -> (value, position, seq) of the last reading."""
-        self.explain_pos: dict[str, int] = {}
-        """src (or '*' for all) -> position of the last event explaining a jump."""
+        self.explained_by: dict[str, tuple[int, int, str]] = {}
+        """src (or '*' for all) -> (position, seq, kind) of the last event that
+        explains a jump."""
+        self.highest = -1
+        """Highest seq whose contents were checked."""
         self.known_sources: set[str] = set()
         self.segment: _Segment | None = None
         self.boot: int | None = None
         self.offset_ms: int | None = None
+        self.mono_per_ms = 1_000_000
+        """Units of ``mono`` per millisecond in the current boot (ns by default)."""
         self.pending_steps: list[tuple[int, int, int]] = []
         """(position, seq, delta_ms) of clock steps awaiting an explaining event."""
         self.disturbed = 0
 
-    def run(self) -> None:
-        lines = self.check.lines
-        highest = -1
-        for pos, line in enumerate(lines):
-            entry = line.entry
-            if entry is None or line.structural:
-                # Unreadable, misplaced or after a gap: per-source counters across
-                # it prove nothing (the line itself was reported). A duplicate or
-                # an entry stored late is not checked again.
-                self.disturbed += 1
-                if entry is None or line.label <= highest:
-                    continue
-            highest = max(highest, line.label)
-            self._entry(pos, line.label, entry)
-        self._resolve_steps(len(lines) + TIME_STEP_LOOKAHEAD + 1)
+    def line(
+        self, pos: int, seq: int, entry: dict[str, Any] | None, structural: int
+    ) -> int:
+        """Check the contents of the line at ``pos`` reported as ``seq``; return its
+        time (UTC ms) or ``_NONE``."""
+        if entry is None or structural:
+            # Unreadable, misplaced or after a gap: per-source counters across it
+            # prove nothing (the line itself was reported). A duplicate or an
+            # entry stored late is not checked again.
+            self.disturbed += 1
+            if entry is None or seq <= self.highest:
+                return _NONE
+        self.highest = max(self.highest, seq)
+        return self._entry(pos, seq, entry)
+
+    def finish(self, count: int) -> None:
+        """Conclude after the last of ``count`` lines."""
+        self._resolve_steps(count + TIME_STEP_LOOKAHEAD + 1)
         self._close_segment(None)
 
-    def _entry(self, pos: int, seq: int, entry: dict[str, Any]) -> None:
+    def _entry(self, pos: int, seq: int, entry: dict[str, Any]) -> int:
         t_ms = parse_time_ms(entry.get("t"))
         if t_ms is None or not _well_formed(entry, t_ms):
             problem = _shape_problem(entry, t_ms)
             self.add(seq, ERROR, "bad_entry", f"entry is not valid: {problem}", pos=pos)
             self.disturbed += 1
-            return
+            return _NONE
         ev = entry.get("ev")
         if ev == "boot":
             self._boot(pos, seq, entry, t_ms)
@@ -1406,9 +1455,10 @@ class _EntryCheck:
             self._reading(pos, seq, entry, t_ms)
         elif ev in EXPLAINS_CUMULATIVE:
             src = entry.get("src")
-            self.explain_pos["*" if not isinstance(src, str) else src] = pos
+            self.explained_by["*" if not isinstance(src, str) else src] = (pos, seq, ev)
             if ev == "read_error" and isinstance(src, str):
                 self._read_error(seq, src, entry, t_ms)
+        return t_ms
 
     # --- boots and outages ------------------------------------------------------------
 
@@ -1423,6 +1473,9 @@ class _EntryCheck:
             )
         self.boot = entry["boot"]
         self.offset_ms = None
+        # Monotonic time is in ns unless the boot says otherwise (our agent writes µs
+        # so that `mono` stays below 2^53 for centuries of uptime, not 104 days).
+        self.mono_per_ms = 1_000 if entry.get("mono_unit") == "us" else 1_000_000
         self._resolve_steps(pos + TIME_STEP_LOOKAHEAD + 1)
         interval = entry.get("interval_s")
         interval_ms = interval * 1000 if _is_int(interval) and interval > 0 else None
@@ -1493,7 +1546,7 @@ class _EntryCheck:
             self.pending_steps.clear()
         if self.pending_steps:
             self._resolve_steps(pos)
-        offset = t_ms - entry["mono"] // 1_000_000
+        offset = t_ms - entry["mono"] // self.mono_per_ms
         if self.offset_ms is not None:
             delta = offset - self.offset_ms
             if abs(delta) > TIME_STEP_LIMIT_MS:
@@ -1565,17 +1618,17 @@ class _EntryCheck:
         self._slot_present(src, t_ms)
         if previous is None or value >= previous[0]:
             return
-        explained_at = max(self.explain_pos.get(src, -1), self.explain_pos.get("*", -1))
-        if explained_at > previous[1]:
-            by = self.check.lines[explained_at]
-            kind = by.entry.get("ev") if by.entry else "?"
+        no_event = (-1, -1, "")
+        by = max(
+            self.explained_by.get(src, no_event), self.explained_by.get("*", no_event)
+        )
+        if by[0] > previous[1]:
             self.add(
                 seq,
                 WARNING,
                 "cumulative_decrease_explained",
                 f"cumulative register {src} {quantity} went down from {previous[0]} "
-                f"(seq {previous[2]}) to {value}, after a {kind} event (seq "
-                f"{by.label})",
+                f"(seq {previous[2]}) to {value}, after a {by[2]} event (seq {by[1]})",
             )
         else:
             self.add(
@@ -1696,10 +1749,10 @@ class _EntryCheck:
 
     def _seq_at(self, segment: _Segment, t_ms: int) -> int:
         """Return the seq of the first entry of ``segment`` at or after ``t_ms``."""
-        for line in self.check.lines[segment.boot_pos : segment.end_pos + 1]:
-            entry_ms = parse_time_ms(line.entry.get("t")) if line.entry else None
-            if entry_ms is not None and entry_ms >= t_ms:
-                return line.label
+        times, labels = self.check.times, self.check.labels
+        for pos in range(segment.boot_pos, segment.end_pos + 1):
+            if pos < len(times) and times[pos] != _NONE and times[pos] >= t_ms:
+                return labels[pos]
         return segment.end_label
 
     def _report_slots(

@@ -190,21 +190,29 @@ class _Reader:
         self.resolve = resolve
         self.failed = False
 
-    def read(self, table: dict[str, Any], taken_ids: Collection[str]) -> OcppConfig | None:
+    def read(
+        self, table: dict[str, Any], taken_ids: Collection[str]
+    ) -> OcppConfig | None:
         check = self.check
         at: KeyPath = ("ocpp",)
         before = len(check.problems)
         check.unknown_keys(table, _OCPP_KEYS, at)
         host = check.string(table, (*at, "listen_host"), default="127.0.0.1") or ""
-        port = check.integer(table, (*at, "listen_port"), required=True, low=0, high=65535)
-        profile = check.integer(table, (*at, "security_profile"), default=1, low=0, high=3)
+        port = check.integer(
+            table, (*at, "listen_port"), required=True, low=0, high=65535
+        )
+        profile = check.integer(
+            table, (*at, "security_profile"), default=1, low=0, high=3
+        )
         tls_cert = self.path(table, (*at, "tls_cert"), must_exist=True)
         tls_key = self.path(table, (*at, "tls_key"), must_exist=True)
         client_ca = self.path(table, (*at, "client_ca"), must_exist=True)
         if profile in (2, 3):
             for key, value in (("tls_cert", tls_cert), ("tls_key", tls_key)):
                 if value is None and key not in table:
-                    check.add((*at, key), f"security profile {profile} needs {key} (TLS)")
+                    check.add(
+                        (*at, key), f"security profile {profile} needs {key} (TLS)"
+                    )
         if profile == 3 and client_ca is None and "client_ca" not in table:
             check.add(
                 (*at, "client_ca"),
@@ -214,7 +222,12 @@ class _Reader:
         versions = self.versions(table, (*at, "versions"), ALL_VERSIONS)
         accept_unknown = check.boolean(table, (*at, "accept_unknown"), default=False)
         call_timeout = check.number(
-            table, (*at, "call_timeout_s"), default=30.0, low=0, high=600, low_exclusive=True
+            table,
+            (*at, "call_timeout_s"),
+            default=30.0,
+            low=0,
+            high=600,
+            low_exclusive=True,
         )
         answer_wait = check.number(
             table, (*at, "answer_wait_s"), default=5.0, low=0, high=120
@@ -223,10 +236,17 @@ class _Reader:
             table, (*at, "heartbeat_interval_s"), default=300, low=1, high=86400
         )
         offline_tag = check.choice(
-            table, (*at, "offline_unknown_id_tag"), ("Invalid", "Accepted"), default="Invalid"
+            table,
+            (*at, "offline_unknown_id_tag"),
+            ("Invalid", "Accepted"),
+            default="Invalid",
         )
-        stack = check.integer(table, (*at, "dispatch_stack_level"), default=90, low=1, high=1000)
-        drain = check.number(table, (*at, "drain_timeout_s"), default=15.0, low=0, high=3600)
+        stack = check.integer(
+            table, (*at, "dispatch_stack_level"), default=90, low=1, high=1000
+        )
+        drain = check.number(
+            table, (*at, "drain_timeout_s"), default=15.0, low=0, high=3600
+        )
         measurands = self.path(table, (*at, "measurands"))
         chargers = self.chargers(table, versions, profile or 0, taken_ids)
         csms = self.csms(table)
@@ -244,7 +264,9 @@ class _Reader:
             call_timeout_s=call_timeout or 30.0,
             answer_wait_s=answer_wait if answer_wait is not None else 5.0,
             heartbeat_interval_s=heartbeat or 300,
-            offline_unknown_id_tag="Accepted" if offline_tag == "Accepted" else "Invalid",
+            offline_unknown_id_tag="Accepted"
+            if offline_tag == "Accepted"
+            else "Invalid",
             dispatch_stack_level=stack or 90,
             drain_timeout_s=drain if drain is not None else 15.0,
             measurands=measurands,
@@ -277,24 +299,27 @@ class _Reader:
             if profile in (1, 2) and password is None and "password_file" not in entry:
                 check.add(
                     (*at, "password_file"),
-                    f"security profile {profile} needs a password_file for each charger "
-                    "(basic auth)",
+                    f"security profile {profile} needs a password_file for each "
+                    "charger (basic auth)",
                 )
-            csms_password = self.path(entry, (*at, "csms_password_file"), must_exist=True)
+            csms_password = self.path(
+                entry, (*at, "csms_password_file"), must_exist=True
+            )
             quirks = self.quirks(entry, at)
             if charger_id is None or quirks is None:
                 continue
             if charger_id in chargers:
                 check.add(
                     (*at, "id"),
-                    f"charger id '{charger_id}' is already used (line {lines[charger_id]})",
+                    f"charger id '{charger_id}' is already used "
+                    f"(line {lines[charger_id]})",
                 )
                 continue
             if charger_id in taken_ids:
                 check.add(
                     (*at, "id"),
-                    f"'{charger_id}' is already a device id; chargers and devices share "
-                    "the evidence log's source names",
+                    f"'{charger_id}' is already a device id; chargers and devices "
+                    "share the evidence log's source names",
                 )
                 continue
             lines[charger_id] = check.document.line_of((*at, "id"))
@@ -336,15 +361,22 @@ class _Reader:
         if url is not None and not re.match(r"wss?://[^/]+", url):
             check.add((*at, "url"), f"{url!r} is not a ws:// or wss:// address")
             url = None
-        profile = check.integer(entry, (*at, "security_profile"), default=0, low=0, high=3)
+        profile = check.integer(
+            entry, (*at, "security_profile"), default=0, low=0, high=3
+        )
         if url is not None and profile in (2, 3) and not url.startswith("wss://"):
-            check.add((*at, "url"), f"security profile {profile} needs a wss:// address")
+            check.add(
+                (*at, "url"), f"security profile {profile} needs a wss:// address"
+            )
         ca_file = self.path(entry, (*at, "ca_file"), must_exist=True)
         client_cert = self.path(entry, (*at, "client_cert"), must_exist=True)
         client_key = self.path(entry, (*at, "client_key"), must_exist=True)
         password = self.path(entry, (*at, "password_file"), must_exist=True)
         if profile == 3 and (client_cert is None or client_key is None):
-            check.add((*at, "client_cert"), "security profile 3 needs client_cert and client_key")
+            check.add(
+                (*at, "client_cert"),
+                "security profile 3 needs client_cert and client_key",
+            )
         if url is None or profile is None:
             return None
         return CsmsConfig(
@@ -365,7 +397,9 @@ class _Reader:
         names = self.check.string_list(table, at)
         if not names:
             if names is not None:
-                self.check.add(at, 'expected at least one version, e.g. ["2.0.1", "1.6"]')
+                self.check.add(
+                    at, 'expected at least one version, e.g. ["2.0.1", "1.6"]'
+                )
             return default
         versions: list[OcppVersion] = []
         for index, name in enumerate(names):

@@ -86,7 +86,10 @@ class Reject(Exception):
     """Raised by a CALL handler: answer with a CALLERROR of ``code``."""
 
     def __init__(
-        self, code: ErrorCode, description: str, details: Mapping[str, Any] | None = None
+        self,
+        code: ErrorCode,
+        description: str,
+        details: Mapping[str, Any] | None = None,
     ) -> None:
         self.code = code
         self.description = description
@@ -125,7 +128,9 @@ class RpcConnection:
         self._handler = handler
         self._quirks = quirks or FrameQuirks()
         self._on_warning = on_warning
-        self._pending: dict[str, tuple[str, asyncio.Future[CallResult | CallError]]] = {}
+        self._pending: dict[
+            str, tuple[str, asyncio.Future[CallResult | CallError]]
+        ] = {}
         self._call_lock = asyncio.Lock()
         self._slots = asyncio.Semaphore(MAX_CONCURRENT_CALLS)
         self._tasks: set[asyncio.Task[None]] = set()
@@ -199,7 +204,9 @@ class RpcConnection:
                 async with self._call_lock:
                     if self.closed:
                         raise LinkClosed(f"{self.name}: connection closed")
-                    future: asyncio.Future[CallResult | CallError] = loop.create_future()
+                    future: asyncio.Future[CallResult | CallError] = (
+                        loop.create_future()
+                    )
                     self._pending[unique_id] = (action, future)
                     try:
                         await self._send_text(text)

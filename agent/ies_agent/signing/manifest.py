@@ -198,7 +198,9 @@ def load_trusted_key(path: Path) -> TrustedKey:
     try:
         pem = Path(path).read_bytes()
     except OSError as exc:
-        raise TrustStoreError(f"cannot read trusted key {path}: {exc.strerror}") from None
+        raise TrustStoreError(
+            f"cannot read trusted key {path}: {exc.strerror}"
+        ) from None
     try:
         public_key = serialization.load_pem_public_key(pem)
     except (ValueError, TypeError):
@@ -217,7 +219,7 @@ def load_trusted_key(path: Path) -> TrustedKey:
     return TrustedKey(key_id(public_key), alg, public_key, Path(path))
 
 
-# --- the signed bytes ------------------------------------------------------------------
+# --- the signed bytes -----------------------------------------------------------------
 
 
 def canonical_json(value: Mapping[str, Any]) -> bytes:
@@ -262,7 +264,7 @@ def _check_exact(value: object, where: str) -> None:
             _check_exact(item, f"{where}[{index}]")
 
 
-# --- signing (publishers, tests) -------------------------------------------------------
+# --- signing (publishers, tests) ------------------------------------------------------
 
 
 def sign_manifest(body: Mapping[str, Any], private_keys: Iterable[PrivateKey]) -> bytes:
@@ -290,12 +292,15 @@ def sign_manifest(body: Mapping[str, Any], private_keys: Iterable[PrivateKey]) -
             }
         )
     document = {"manifest": fields, "signatures": signatures}
-    return json.dumps(document, indent=2, sort_keys=True, ensure_ascii=False).encode(
-        "utf-8"
-    ) + b"\n"
+    return (
+        json.dumps(document, indent=2, sort_keys=True, ensure_ascii=False).encode(
+            "utf-8"
+        )
+        + b"\n"
+    )
 
 
-# --- reading and verifying -------------------------------------------------------------
+# --- reading and verifying ------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -393,7 +398,9 @@ def verify_payload(manifest: Manifest, path: Path) -> None:
         )
 
 
-def _parse_document(data: bytes, source: str) -> tuple[dict[str, Any], list[_Signature]]:
+def _parse_document(
+    data: bytes, source: str
+) -> tuple[dict[str, Any], list[_Signature]]:
     """Split a manifest file into its body and its signatures."""
     if len(data) > MAX_MANIFEST_BYTES:
         raise ManifestFormatError(
@@ -467,12 +474,8 @@ def _read_body(body: Mapping[str, Any], source: str) -> Manifest:
     size = body["size"]
     if isinstance(size, bool) or not isinstance(size, int) or size < 0:
         raise ManifestFormatError(f"{source}: 'size' must be a whole number of bytes")
-    if not isinstance(body["sha256"], str) or not _SHA256_HEX.fullmatch(
-        body["sha256"]
-    ):
-        raise ManifestFormatError(
-            f"{source}: 'sha256' must be 64 lowercase hex digits"
-        )
+    if not isinstance(body["sha256"], str) or not _SHA256_HEX.fullmatch(body["sha256"]):
+        raise ManifestFormatError(f"{source}: 'sha256' must be 64 lowercase hex digits")
     optional: dict[str, str | None] = {}
     for name in ("architecture", "published"):
         value = body.get(name)

@@ -8,8 +8,8 @@ other copy of the data. ``<data_dir>/upstream/<name>.cursor.json`` holds::
 
 - ``acked``: every ``seq`` up to and including it was acknowledged by the upstream
   (MQTT PUBACK, an HTTP ACK, a file fsynced); -1 before the first.
-- ``confirmed``: the same for end-to-end confirmations by a collector (MQTT ``e2e_ack``);
-  -1 when unused. With confirmations on, a restart replays from here.
+- ``confirmed``: the same for end-to-end confirmations by a collector (MQTT
+  ``e2e_ack``); -1 when unused. With confirmations on, a restart replays from here.
 - ``checkpoints``: how many lines of ``checkpoints.jsonl`` were acknowledged.
 - ``offset``: byte offset in ``evidence.jsonl`` of entry ``acked + 1``, a hint that
   spares a scan of a large log (checked before use).

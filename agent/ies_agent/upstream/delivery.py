@@ -26,8 +26,8 @@ everywhere:
 
 States of a connector (the table :data:`TRANSITIONS` refuses anything else)::
 
-    idle ──start──▶ connecting ──up──▶ delivering ──failure──▶ waiting ──retry──▶ ...
-                                  └──failure──▶ waiting        (back-off, then connecting)
+    idle ──▶ connecting ──up──▶ delivering ──failure──▶ waiting ──back-off──▶ connecting
+                  └──failure──▶ waiting
     any state ──stop──▶ stopped
 """
 
@@ -45,6 +45,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
+from ies_agent.evidence.errors import EvidenceError
 from ies_agent.state import UpstreamState
 from ies_agent.upstream.cursor import Cursor, CursorStore
 from ies_agent.upstream.errors import (
@@ -261,6 +262,7 @@ class Connector:
         self.cursor = Cursor(name)
         self.phase = "idle"
         self._wake = source.waker()
+        self._drain_requested = asyncio.Event()
         self._draining = False
         self._send_seq = 0
         self._send_offset = 0
@@ -305,14 +307,12 @@ class Connector:
     def drain(self) -> None:
         """Finish :meth:`run` once everything durable is delivered."""
         self._draining = True
+        self._drain_requested.set()
         self._wake.set()
 
     def caught_up(self) -> bool:
-        """Whether every durable entry and checkpoint is acknowledged (and confirmed)."""
-        try:
-            end = self.source.durable_end()
-        except Exception:  # a failing disk: not caught up, the log says why
-            return False
+        """Whether every durable entry and checkpoint is delivered (and confirmed)."""
+        end = self._durable_end()
         if self.cursor.acked < end - 1:
             return False
         if self.cursor.checkpoints < self.reader.checkpoints_covering(end):
@@ -356,7 +356,9 @@ class Connector:
     async def _pump(self, session: Session) -> None:
         """Send batches in order, ``session.window`` at a time, until drained."""
         inflight: deque[tuple[Batch, asyncio.Task[None]]] = deque()
-        lost = asyncio.create_task(session.lost.wait(), name=f"upstream:{self.name}:lost")
+        lost = asyncio.create_task(
+            session.lost.wait(), name=f"upstream:{self.name}:lost"
+        )
         self._rewind()
         try:
             while True:
@@ -372,7 +374,9 @@ class Connector:
                     inflight.append((batch, task))
                 if inflight:
                     batch, head = inflight[0]
-                    await asyncio.wait({head, lost}, return_when=asyncio.FIRST_COMPLETED)
+                    await asyncio.wait(
+                        {head, lost}, return_when=asyncio.FIRST_COMPLETED
+                    )
                     if not head.done():
                         raise LinkError(session.lost_reason or "connection lost")
                     head.result()  # raises the transport's error
@@ -381,6 +385,8 @@ class Connector:
                     continue
                 self._save_cursor()
                 self._update_backlog()
+                if self._in_outage:
+                    self._recovered()
                 if self._draining and self.caught_up():
                     return
                 if self._e2e_stalled():
@@ -400,13 +406,15 @@ class Connector:
             lost.cancel()
             for _, task in inflight:
                 task.cancel()
-            await asyncio.gather(*(t for _, t in inflight), lost, return_exceptions=True)
+            await asyncio.gather(
+                *(t for _, t in inflight), lost, return_exceptions=True
+            )
 
     # --- batches ----------------------------------------------------------------------
 
     def _next_batch(self) -> Batch | None:
         """Read the next batch from disk at the send position, or ``None``."""
-        end = self.source.durable_end()
+        end = self._durable_end()
         chunk = self.reader.read(
             self._send_seq,
             self._send_offset,
@@ -438,6 +446,8 @@ class Connector:
     def _acknowledged(self, batch: Batch) -> None:
         """Advance the cursor over an acknowledged batch (never backwards)."""
         cursor = self.cursor
+        if cursor.confirmed >= cursor.acked:
+            self._confirm_moved_at = time.monotonic()  # the wait starts now
         if batch.last > cursor.acked:
             cursor.acked = batch.last
             cursor.offset = batch.end
@@ -518,11 +528,15 @@ class Connector:
         self._cursor_dirty = False
         self._cursor_saved_at = now
 
-    def _update_backlog(self) -> None:
+    def _durable_end(self) -> int:
+        """The durable end of the log; what is on disk if the writer cannot fsync."""
         try:
-            end = self.source.durable_end()
-        except Exception:
-            return
+            return self.source.durable_end()
+        except EvidenceError:
+            return self.reader.count()
+
+    def _update_backlog(self) -> None:
+        end = self._durable_end()
         self.state.backlog_entries = max(0, end - 1 - self.cursor.acked)
         size = self.reader.size_bytes()
         self.state.backlog_bytes = max(0, size - self.cursor.offset)
@@ -563,7 +577,9 @@ class Connector:
         self._outage_started = time.monotonic()
         self.state.outage_since_ms = int(time.time() * 1000)
         self._update_backlog()
-        level = logging.ERROR if isinstance(exc, AuthError | TlsError) else logging.WARNING
+        level = (
+            logging.ERROR if isinstance(exc, AuthError | TlsError) else logging.WARNING
+        )
         log.log(
             level,
             "upstream unreachable; entries wait in the log until it is back",
@@ -593,9 +609,9 @@ class Connector:
         )
 
     async def _sleep(self, delay_s: float) -> None:
-        """Wait ``delay_s`` seconds; a drain request cuts it short."""
+        """Wait ``delay_s`` seconds of back-off; a drain request shortens it to 1 s."""
         if self._draining:
-            delay_s = min(delay_s, 0.5)
+            delay_s = min(delay_s, 1.0)
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._wake.wait(), timeout=delay_s)
-        self._wake.clear()
+            await asyncio.wait_for(self._drain_requested.wait(), timeout=delay_s)
+        self._drain_requested.clear()

@@ -27,7 +27,7 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeGuard
 
 from ies_agent.evidence.canonical import canonical_bytes
 from ies_agent.evidence.errors import EvidenceFormatError
@@ -152,5 +152,5 @@ def decode_confirmation(payload: bytes) -> int:
     return int(upto)
 
 
-def _is_int(value: object) -> bool:
+def _is_int(value: object) -> TypeGuard[int]:
     return isinstance(value, int) and not isinstance(value, bool)

@@ -203,7 +203,9 @@ class LogReader:
         if start >= stop:
             return []
         begin = self._cp.offsets[start]
-        finish = self._cp.offsets[stop] if stop < len(self._cp.offsets) else self._cp.end
+        finish = (
+            self._cp.offsets[stop] if stop < len(self._cp.offsets) else self._cp.end
+        )
         with self.checkpoints_path.open("rb") as stream:
             stream.seek(begin)
             data = stream.read(finish - begin)
@@ -249,7 +251,7 @@ class LogReader:
         return os.pread(self._fd, length, offset)
 
     def _read_line(self, offset: int) -> bytes:
-        parts = []
+        parts: list[bytes] = []
         while True:
             data = self._pread(offset, _SCAN_CHUNK)
             if not data:

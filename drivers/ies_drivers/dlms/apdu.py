@@ -166,8 +166,8 @@ class _Reader:
     def done(self) -> None:
         if self.pos != len(self.data):
             raise ApduError(
-                f"{self.what} has {len(self.data) - self.pos} bytes more than its "
-                "fields"
+                f"{self.what} is longer than its fields announce: "
+                f"{len(self.data) - self.pos} bytes left over"
             )
 
     @property

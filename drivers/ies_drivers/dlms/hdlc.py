@@ -654,9 +654,16 @@ class HdlcLink:
         self._awaiting_ack = more
 
     def _handle(self, frame: HdlcFrame) -> None:
-        if not (frame.dest.same(self.local) and frame.src.same(self.remote)):
-            if self.role == "server":
+        if self.role == "server":
+            if not _addressed_to(frame.dest, self.local):
                 return  # another station's traffic on a shared line
+            if frame.kind is FrameKind.SNRM or self.state == "disconnected":
+                # Answer in the address form the client chose, to the client it is.
+                self.local = frame.dest
+                self.remote = frame.src
+            elif not frame.src.same(self.remote):
+                return
+        elif not (frame.dest.same(self.local) and frame.src.same(self.remote)):
             raise AddressError(
                 f"frame from {frame.src} to {frame.dest}, expected from "
                 f"{self.remote} to {self.local}: wrong client or server address, "
@@ -754,7 +761,7 @@ class HdlcLink:
         frames = self._assembly_frames
         self._assembly.clear()
         self._assembly_frames = 0
-        if data[:2] != LLC_REQUEST[:2] or len(data) < 3 or data[2] != 0:
+        if len(data) < 3 or data[0] != 0xE6 or data[1] not in (0xE6, 0xE7) or data[2]:
             raise HdlcFrameError(
                 f"information field does not start with the LLC header E6 E6/E7 00: "
                 f"{data[:3].hex(' ')}"
@@ -770,6 +777,14 @@ class HdlcLink:
             self._send_next_segment()
         elif self.role == "server" and not self._segments:
             self._emit(rr_control(self._recv_seq))
+
+
+def _addressed_to(dest: HdlcAddress, station: HdlcAddress) -> bool:
+    """Tell whether ``dest`` names ``station``: same logical device, and the same
+    physical address when the frame gives one."""
+    if dest.upper != station.upper:
+        return False
+    return dest.lower is None or station.lower is None or dest.lower == station.lower
 
 
 def reassemble(frames: list[bytes]) -> bytes:

@@ -127,6 +127,8 @@ class WrapperLink:
                 f"wrapper announces an APDU of {length} bytes, more than the "
                 f"{self.max_apdu} we accept"
             )
+        if self.role == "server" and destination == self.local:
+            self.remote = source  # any client SAP may connect; it is checked later
         if (source, destination) != (self.remote, self.local):
             self._buffer.clear()
             raise WrapperFrameError(

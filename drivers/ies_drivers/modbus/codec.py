@@ -1,7 +1,8 @@
 """Register images to exact decimal values, with word order, scale and sentinels.
 
-Pure functions: registers (16-bit integers as read from the wire) in, decimal strings out.
-Floats from ``f32``/``f64`` registers are written as the shortest decimal that reads back
+Pure functions: registers (16-bit integers as read from the wire) in, decimal strings
+out. Floats from ``f32``/``f64`` registers are written as the shortest decimal that
+reads back
 to the same bits, so ``0x4365FD71`` is ``"229.99"`` rather than ``229.99000549316406``.
 
 SunSpec sentinels ("not implemented") are applied for SunSpec devices and for the
@@ -98,7 +99,7 @@ def shortest_float_text(value: float, width: int) -> str:
 
 
 def decode_raw_integer(spec: PointSpec, registers: Sequence[int]) -> int:
-    """Return the integer a non-float, non-string point holds (signed where its type is)."""
+    """Return the integer an integer point holds (signed if its type is)."""
     data = ordered_bytes(registers_to_bytes(registers), spec.order)
     return int.from_bytes(data, "big", signed=spec.type in _SIGNED)
 
@@ -117,9 +118,7 @@ def _sentinel_hit(spec: PointSpec, registers: Sequence[int], sunspec: bool) -> b
     return False
 
 
-def decode_scale_factor(
-    spec: PointSpec, registers: Sequence[int]
-) -> int | None:
+def decode_scale_factor(spec: PointSpec, registers: Sequence[int]) -> int | None:
     """Return the power of ten a ``sunssf`` point holds, or ``None`` if not implemented.
 
     Raises :class:`DecodeError` for a scale factor outside -10..10, which SunSpec
@@ -177,7 +176,9 @@ def decode_point(
         exponent = scale_factors[spec.scale_factor]
         if exponent is None:
             return PointValue(
-                None, ReadingState.NOT_IMPLEMENTED, f"{spec.scale_factor} not implemented"
+                None,
+                ReadingState.NOT_IMPLEMENTED,
+                f"{spec.scale_factor} not implemented",
             )
         number = number.scaleb(exponent)
     if spec.scale != 1:

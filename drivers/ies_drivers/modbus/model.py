@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from decimal import Decimal
-from enum import Enum
+from enum import StrEnum
 from typing import Literal
 
 RegisterFunction = Literal["holding", "input"]
@@ -24,7 +24,7 @@ WordOrder = Literal["ABCD", "CDAB", "BADC", "DCBA"]
 """
 
 
-class PointType(str, Enum):
+class PointType(StrEnum):
     """Register encodings a template may name."""
 
     U16 = "u16"
@@ -48,7 +48,7 @@ class PointType(str, Enum):
 
     @property
     def registers(self) -> int:
-        """Registers (16-bit words) this type occupies; 0 for strings (use ``length``)."""
+        """Registers (16-bit words) of this type; 0 for strings (see ``length``)."""
         return _REGISTERS[self]
 
 
@@ -76,9 +76,11 @@ _REGISTERS = {
 class PointSpec:
     """One quantity of a Modbus device.
 
-    ``address`` is the protocol address (0-based, as sent on the wire). ``length`` is the
+    ``address`` is the protocol address (0-based, as sent on the wire). ``length`` is
+    the
     register count, needed only for strings. The value shown is ``raw × scale ×
-    10^scale_factor`` where ``scale_factor`` names a ``sunssf`` point of the same device.
+    10^scale_factor`` where ``scale_factor`` names a ``sunssf`` point of the same
+    device.
     ``not_implemented`` is the raw integer that means "no value" in addition to the
     type's own SunSpec sentinels. ``cumulative`` marks an energy register that is read
     at every interval boundary and must never decrease.

@@ -243,7 +243,9 @@ def load_measurand_table(path: str | Path | None = None) -> MeasurandTable:
     try:
         document = load_toml(path)
     except TomlSourceError as exc:
-        raise MeasurandTableError([SourceProblem(exc.path, exc.line, "", exc.reason)]) from None
+        raise MeasurandTableError(
+            [SourceProblem(exc.path, exc.line, "", exc.reason)]
+        ) from None
     check = ProblemCollector(document)
     data = document.data
     check.unknown_keys(data, {"dimensions", "units", "measurands"}, ())
@@ -266,7 +268,9 @@ def load_measurand_table(path: str | Path | None = None) -> MeasurandTable:
         if dimension and base is not None and exponent is not None:
             units[name] = UnitSpec(name, dimension, base, exponent)
     measurands: dict[str, MeasurandSpec] = {}
-    for name, table in (check.table(data, ("measurands",), required=True) or {}).items():
+    for name, table in (
+        check.table(data, ("measurands",), required=True) or {}
+    ).items():
         at = ("measurands", name)
         if not isinstance(table, dict):
             check.add(at, "expected a table { dimension, cumulative, obis }")
@@ -280,11 +284,16 @@ def load_measurand_table(path: str | Path | None = None) -> MeasurandTable:
             if phase not in ("total", "L1", "L2", "L3", "N"):
                 check.add((*at, "obis", phase), "expected total, L1, L2, L3 or N")
             elif not isinstance(code, str) or not _OBIS.fullmatch(code):
-                check.add((*at, "obis", phase), f"{code!r} is not an OBIS code A-B:C.D.E*F")
+                check.add(
+                    (*at, "obis", phase), f"{code!r} is not an OBIS code A-B:C.D.E*F"
+                )
             else:
                 codes[phase] = code
         if dimension is not None and dimension not in defaults:
-            check.add((*at, "dimension"), f"no default unit for dimension {dimension!r} in [dimensions]")
+            check.add(
+                (*at, "dimension"),
+                f"no default unit for dimension {dimension!r} in [dimensions]",
+            )
         if dimension and cumulative is not None:
             measurands[name] = MeasurandSpec(name, dimension, cumulative, codes)
     if check.problems:
@@ -339,7 +348,9 @@ def _scaled(number: Decimal | None, exponent: int) -> str | None:
 def _signed(sampled: Mapping[str, Any], version: OcppVersion) -> SignedValue | None:
     """Return the charger-signed data of a sampled value, exactly as sent."""
     if version.is_16:
-        if sampled.get("format") != "SignedData" or not isinstance(sampled.get("value"), str):
+        if sampled.get("format") != "SignedData" or not isinstance(
+            sampled.get("value"), str
+        ):
             return None
         blob: str = sampled["value"]
         encoding = ""
@@ -353,7 +364,9 @@ def _signed(sampled: Mapping[str, Any], version: OcppVersion) -> SignedValue | N
             pass
         return SignedValue(format="SignedData", data=blob, encoding=encoding)
     signed = sampled.get("signedMeterValue")
-    if not isinstance(signed, Mapping) or not isinstance(signed.get("signedMeterData"), str):
+    if not isinstance(signed, Mapping) or not isinstance(
+        signed.get("signedMeterData"), str
+    ):
         return None
     return SignedValue(
         format="signedMeterValue",

@@ -33,7 +33,7 @@ import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal
-from enum import Enum
+from enum import StrEnum
 from typing import Any
 
 from ies_drivers.ocpp.versions import OcppVersion
@@ -47,7 +47,7 @@ UNKNOWN_ID = "-1"
 """Message id of a CALLERROR answering a frame whose id could not be read."""
 
 
-class ErrorCode(str, Enum):
+class ErrorCode(StrEnum):
     """CALLERROR codes by meaning; :meth:`spelling` gives each version's word."""
 
     NOT_IMPLEMENTED = "NotImplemented"
@@ -288,7 +288,9 @@ def call_error(
 
     The description is cut to 255 characters, the limit OCPP 2.0.1 sets.
     """
-    return CallError(unique_id, code.spelling(version), description[:255], dict(details or {}))
+    return CallError(
+        unique_id, code.spelling(version), description[:255], dict(details or {})
+    )
 
 
 def new_message_id() -> str:
@@ -366,7 +368,11 @@ def _message_id(
 
 
 def _payload(
-    value: Any, what: str, unique_id: str | None, quirks: FrameQuirks, warnings: list[str]
+    value: Any,
+    what: str,
+    unique_id: str | None,
+    quirks: FrameQuirks,
+    warnings: list[str],
 ) -> dict[str, Any]:
     if isinstance(value, dict):
         return value
@@ -405,14 +411,18 @@ def _result(
         warnings.append(
             f"CALLRESULT carries an action name {frame[2]!r}; OCPP-J has 3 elements"
         )
-        return CallResult(unique_id, _payload(frame[3], "CALLRESULT", None, quirks, warnings))
+        return CallResult(
+            unique_id, _payload(frame[3], "CALLRESULT", None, quirks, warnings)
+        )
     if len(frame) != 3:
         raise FrameError(
             ErrorCode.RPC_FRAMEWORK_ERROR,
             f"a CALLRESULT has 3 elements, this one has {len(frame)}",
             None,
         )
-    return CallResult(unique_id, _payload(frame[2], "CALLRESULT", None, quirks, warnings))
+    return CallResult(
+        unique_id, _payload(frame[2], "CALLRESULT", None, quirks, warnings)
+    )
 
 
 def _error(frame: list[Any], unique_id: str, warnings: list[str]) -> CallError:

@@ -44,6 +44,7 @@ QUIRK_NAMES: dict[str, str] = {
     "unknown_fields": "fields the schema does not define",
     "sampled_value_enums": "unknown units, measurands, phases in sampled values",
     "numeric_sampled_values": "OCPP 1.6 sampled values sent as numbers, not strings",
+    "no_subprotocol": "no WebSocket subprotocol offered: OCPP 1.6 assumed",
 }
 """Every quirk flag a charger can be given, with what it tolerates."""
 
@@ -55,7 +56,9 @@ class PayloadError(RpcError):
     found (tolerated ones included), each as ``path: message``.
     """
 
-    def __init__(self, code: ErrorCode, message: str, violations: Iterable[str]) -> None:
+    def __init__(
+        self, code: ErrorCode, message: str, violations: Iterable[str]
+    ) -> None:
         self.code = code
         self.violations = tuple(violations)
         super().__init__(message)
@@ -161,7 +164,9 @@ def check_payload(
     for error in validator.iter_errors(payload):
         where = _path(error.absolute_path)
         line = f"{action}{'Response' if response else ''}{where}: {error.message}"
-        tolerated = _tolerated(error.validator, list(error.absolute_path), error, quirks, version)
+        tolerated = _tolerated(
+            error.validator, list(error.absolute_path), error, quirks, version
+        )
         if tolerated:
             warnings.append(f"{line} (tolerated: {tolerated})")
         else:
@@ -237,7 +242,9 @@ def _path(parts: Iterable[Any]) -> str:
 
 
 def _schema_dir(version: OcppVersion) -> Any:
-    return resources.files("ocpp").joinpath("v" + version.value.replace(".", ""), "schemas")
+    return resources.files("ocpp").joinpath(
+        "v" + version.value.replace(".", ""), "schemas"
+    )
 
 
 @cache

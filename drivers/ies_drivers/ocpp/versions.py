@@ -13,14 +13,14 @@ Errors::
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from enum import Enum
+from enum import StrEnum
 
 
 class UnknownVersionError(ValueError):
     """Raised for an OCPP version or subprotocol name that is not supported."""
 
 
-class OcppVersion(str, Enum):
+class OcppVersion(StrEnum):
     """An OCPP-J version the agent speaks, by its version number."""
 
     V16 = "1.6"
