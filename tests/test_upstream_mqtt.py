@@ -12,6 +12,7 @@ paused and killed by their process ids (``peers.mosquitto.Mosquitto``).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import os
 import random
@@ -355,8 +356,8 @@ async def test_plain_url_to_a_tls_port_and_missing_client_key_fail_clearly(
     broker.start()
     try:
         plain = mqtt_config(broker.url.replace("mqtts://", "mqtt://"))
-        missing = mqtt_config(
-            broker.url,
+        missing = dataclasses.replace(
+            mqtt_config(broker.url),
             name="other",
             tls_ca_file=pki.ca,
             tls_cert_file=pki.client_cert,

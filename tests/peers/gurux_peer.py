@@ -48,6 +48,14 @@ from gurux_dlms.secure import GXDLMSSecureClient, GXDLMSSecureServer
 
 IST = timezone(timedelta(minutes=330))
 
+if not hasattr(GXServerReply, "setReply"):
+    # gurux-dlms 1.0.203's server calls sr.setReply(), which its GXServerReply
+    # lacks; give it the obvious setter so the server can answer at all.
+    def _set_reply(self: Any, value: Any) -> None:
+        self.reply = value
+
+    GXServerReply.setReply = _set_reply
+
 
 class _Line:
     """Blocking bytes over a socket or a serial file descriptor, with a deadline."""

@@ -73,10 +73,16 @@ def main(args: argparse.Namespace) -> int:
     if args.duration is not None and args.duration <= 0:
         print("ies-agent demo: --for takes a positive number of seconds")
         return 2
+    data_dir = Path(args.data_dir).resolve()
+    try:
+        data_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        print(f"ies-agent demo: cannot use {data_dir}: {exc.strerror}")
+        return 1
     try:
         return asyncio.run(
             run_demo(
-                Path(args.data_dir),
+                data_dir,
                 duration_s=args.duration,
                 interval_s=args.interval,
                 mqtt_url=args.mqtt,

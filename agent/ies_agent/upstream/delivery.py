@@ -341,6 +341,12 @@ class Connector:
                     self._failed(exc)
                 except OSError as exc:
                     self._failed(LinkError(f"{exc.__class__.__name__}: {exc}"))
+                except Exception as exc:  # a bug must not end delivery for good
+                    log.exception(
+                        "upstream connector error",
+                        extra={"kv": {"upstream": self.name}},
+                    )
+                    self._failed(UpstreamError(f"internal error: {exc!r}"))
                 finally:
                     self.state.connected = False
                     self._save_cursor(force=True)

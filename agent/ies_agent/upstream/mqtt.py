@@ -177,7 +177,9 @@ class MqttTransport:
             protocol=aiomqtt.ProtocolVersion.V5 if v5 else aiomqtt.ProtocolVersion.V311,
             will=will,
             clean_session=None if v5 else False,
-            clean_start=False,
+            clean_start=False
+            if v5
+            else aiomqtt.client.mqtt.MQTT_CLEAN_START_FIRST_ONLY,
             properties=properties,
             keepalive=config.keepalive_s,
             timeout=config.timeout_s,
