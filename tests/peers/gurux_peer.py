@@ -48,13 +48,23 @@ from gurux_dlms.secure import GXDLMSSecureClient, GXDLMSSecureServer
 
 IST = timezone(timedelta(minutes=330))
 
-if not hasattr(GXServerReply, "setReply"):
-    # gurux-dlms 1.0.203's server calls sr.setReply(), which its GXServerReply
-    # lacks; give it the obvious setter so the server can answer at all.
-    def _set_reply(self: Any, value: Any) -> None:
-        self.reply = value
 
-    GXServerReply.setReply = _set_reply
+def _patch_server_reply() -> None:
+    """gurux-dlms 1.0.203's server calls accessors (``setReply``,
+    ``getConnectionInfo``, ``getCount``, ``setCount``) that its own
+    ``GXServerReply`` lacks; give it the obvious ones so the server can answer."""
+    accessors = {
+        "setReply": lambda self, value: setattr(self, "reply", value),
+        "getConnectionInfo": lambda self: self.connectionInfo,
+        "getCount": lambda self: self.count,
+        "setCount": lambda self, value: setattr(self, "count", value),
+    }
+    for name, accessor in accessors.items():
+        if not hasattr(GXServerReply, name):
+            setattr(GXServerReply, name, accessor)
+
+
+_patch_server_reply()
 
 
 class _Line:
@@ -225,6 +235,20 @@ class _GuruxServer(GXDLMSSecureServer):  # type: ignore[misc]
 
     def _nothing(self, *args: Any) -> None:
         return None
+
+    # gurux-dlms 1.0.203's command handlers call these server methods, which its
+    # GXDLMSServer does not define; they only pass state through.
+    def notifyRead(self, *args: Any) -> None:  # noqa: N802
+        return None
+
+    def notifyConnected(self, info: Any) -> None:  # noqa: N802
+        self.onConnected(info)
+
+    def getTransaction(self) -> Any:  # noqa: N802
+        return self.transaction
+
+    def setTransaction(self, value: Any) -> None:  # noqa: N802
+        self.transaction = value
 
     onPreGet = onPostGet = onPreRead = onPostRead = _nothing  # noqa: N815
     onPreWrite = onPostWrite = onPreAction = onPostAction = _nothing  # noqa: N815

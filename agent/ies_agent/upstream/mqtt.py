@@ -144,6 +144,7 @@ class MqttTransport:
 
     def _client(self) -> aiomqtt.Client:
         import aiomqtt
+        from paho.mqtt.client import MQTT_CLEAN_START_FIRST_ONLY
         from paho.mqtt.packettypes import PacketTypes
         from paho.mqtt.properties import Properties
 
@@ -347,11 +348,12 @@ class MqttSession:
 
     async def close(self, *, shutdown: bool) -> None:
         """Stop background tasks; say ``offline`` if stopping; disconnect."""
+        link_up = not self.lost.is_set()
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks.clear()
-        if shutdown and not self.lost.is_set():
+        if shutdown and link_up:
             # Queued before DISCONNECT, which then suppresses the will.
             self._paho.publish(
                 self.transport.topic_status,
