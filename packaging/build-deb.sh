@@ -159,15 +159,16 @@ EOF
     if [ ${#conffiles[@]} -gt 0 ]; then
         printf '%s\n' "${conffiles[@]}" >"$stage/DEBIAN/conffiles"
     fi
-    local size
+    local size libraries
     size=$(du -sk --exclude=DEBIAN "$stage" | cut -f1)
+    libraries=$(library_depends "$site")
     cat >"$stage/DEBIAN/control" <<EOF
 Package: $PACKAGE
 Version: $DEB_VERSION
 Architecture: $arch
 Maintainer: $MAINTAINER
 Installed-Size: $size
-Depends: python$TARGET_PY, tzdata, adduser, libc6 (>= 2.28)
+Depends: python$TARGET_PY, tzdata, adduser, $libraries
 Suggests: socat
 Section: net
 Priority: optional
@@ -198,6 +199,32 @@ EOF
     dpkg-deb -Zxz --root-owner-group --build "$stage" "$deb" >/dev/null
     (cd "$OUT" && sha256sum "$(basename "$deb")" >"$(basename "$deb").sha256")
     echo "build-deb.sh: $deb ($(du -h "$deb" | cut -f1))"
+}
+
+library_depends() {
+    # The Debian packages behind the shared libraries the wheels' objects link to
+    # (what dpkg-shlibdeps would find on the target). Libraries a wheel brings along
+    # in its own *.libs directory need nothing. An unknown library stops the build:
+    # add it here.
+    local site=$1 soname deps=("libc6 (>= 2.28)")
+    for soname in $(find "$site" -name '*.so*' -type f -exec readelf -d {} + 2>/dev/null |
+        sed -n 's/.*(NEEDED).*\[\(.*\)\]/\1/p' | sort -u); do
+        if find "$site" -path '*.libs/*' -name "$soname" | grep -q .; then
+            continue
+        fi
+        case "$soname" in
+        libc.so.6|libm.so.6|libdl.so.2|libpthread.so.0|librt.so.1|libutil.so.1) ;;
+        ld-linux-*.so.*) ;;
+        libgcc_s.so.1) deps+=("libgcc-s1") ;;
+        libstdc++.so.6) deps+=("libstdc++6") ;;
+        libz.so.1) deps+=("zlib1g") ;;
+        libssl.so.3|libcrypto.so.3) deps+=("libssl3") ;;
+        libffi.so.8) deps+=("libffi8") ;;
+        *) echo "build-deb.sh: a wheel needs $soname; map it to a Debian package in" \
+            "library_depends" >&2; exit 1 ;;
+        esac
+    done
+    printf '%s\n' "${deps[@]}" | awk '!seen[$0]++' | paste -sd, - | sed 's/,/, /g'
 }
 
 write_launcher() {

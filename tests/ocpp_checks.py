@@ -48,7 +48,9 @@ def check_16(frames: list[Frame], charger: str) -> Sessions:
             if payload == last_start and current is not None:
                 # The same start again (its first answer was lost): new id, same start.
                 sessions.started.pop()
-            assert answer is not None or frame is frames[-1], "a start was never answered"
+            assert answer is not None or frame is frames[-1], (
+                "a start was never answered"
+            )
             current = answer["transactionId"] if answer else None
             last_start = payload
             sessions.started.append(current)
@@ -91,7 +93,9 @@ def check_2x(frames: list[Frame], charger: str) -> Sessions:
         assert seq >= last_seq, f"seqNo {seq} after {last_seq}: out of order"
         if seq == last_seq:
             continue  # the same event sent again
-        assert seq == last_seq + 1 or last_seq == 0, f"seqNo {last_seq} → {seq}: missing"
+        assert seq == last_seq + 1 or last_seq == 0, (
+            f"seqNo {last_seq} → {seq}: missing"
+        )
         last_seq = seq
         tx = payload["transactionInfo"]["transactionId"]
         kind = payload["eventType"]

@@ -212,7 +212,8 @@ def make_pki(directory: Path, client_ids: tuple[str, ...] = ()) -> Pki:
             critical=True,
         )
         .add_extension(
-            x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False
+            x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()),
+            critical=False,
         )
         .sign(ca_key, hashes.SHA256())
     )

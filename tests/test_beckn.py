@@ -98,7 +98,10 @@ def test_time_window_and_skew_are_enforced(now_offset: int, message: str) -> Non
         verify_authorization(vector_header(), BODY, lookup, now=now, max_skew_s=30)
     # Within the skew it passes.
     verify_authorization(
-        vector_header(), BODY, lookup, now=now - (1 if now_offset > 0 else -1) * 2,
+        vector_header(),
+        BODY,
+        lookup,
+        now=now - (1 if now_offset > 0 else -1) * 2,
         max_skew_s=33,
     )
 
@@ -114,9 +117,20 @@ def test_altered_body_unknown_key_and_bad_headers_fail() -> None:
         verify_authorization(other, BODY, lookup, now=now)
     bad = [
         ("Bearer abc", "Signature"),
-        (vector_header().replace('headers="(created) (expires) digest"', 'headers="digest"'), "headers"),
-        (vector_header().replace('algorithm="ed25519"', 'algorithm="rsa"'), "algorithm"),
-        (vector_header().replace(f'keyId="{VECTOR["key_id"]}"', 'keyId="x|y"'), "keyId"),
+        (
+            vector_header().replace(
+                'headers="(created) (expires) digest"', 'headers="digest"'
+            ),
+            "headers",
+        ),
+        (
+            vector_header().replace('algorithm="ed25519"', 'algorithm="rsa"'),
+            "algorithm",
+        ),
+        (
+            vector_header().replace(f'keyId="{VECTOR["key_id"]}"', 'keyId="x|y"'),
+            "keyId",
+        ),
         ('Signature keyId="a|b|ed25519"', "lacks"),
         (vector_header().replace('created="1641287875"', 'created="soon"'), "Unix"),
     ]

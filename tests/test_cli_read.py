@@ -13,6 +13,7 @@ from pymodbus.server import ModbusTcpServer
 from pymodbus.simulator import DataType, SimData, SimDevice
 
 from cli_helpers import run_agent
+from conftest import DATA
 from ies_drivers.sunspec.image import SunSpecImage
 from peers.modbus import UnitFilterProxy
 
@@ -153,7 +154,7 @@ def test_read_prints_scaled_sunspec_values_and_not_implemented(
 
 def test_read_names_an_unknown_device(inverter_site: Path) -> None:
     result = run_agent("read", "--config", str(inverter_site), "nope")
-    assert result.returncode == 1
+    assert result.returncode == 2
     assert "no device 'nope'" in result.stdout and "inv" in result.stdout
 
 
@@ -200,12 +201,51 @@ def test_scan_finds_the_unit_and_its_sunspec_models() -> None:
     assert "unit 1" not in result.stdout
 
 
+def test_scan_parses_host_and_port_forms() -> None:
+    from ies_agent.commands.scan import parse_host_port
+
+    assert parse_host_port("10.0.0.5") == ("10.0.0.5", 502)
+    assert parse_host_port("meter.local:1502") == ("meter.local", 1502)
+    assert parse_host_port("[::1]:502") == ("::1", 502)
+    assert parse_host_port("[fe80::1]") == ("fe80::1", 502)
+    for bad in (":502", "host:port", "host:70000", "[::1]x"):
+        with pytest.raises(ValueError):
+            parse_host_port(bad)
+    result = run_agent("scan", "--tcp", ":502")
+    assert result.returncode == 2 and "names no host" in result.stdout
+
+
 def test_decode_prints_the_field_case_frame() -> None:
     result = run_agent("decode", "--protocol", "modbus-rtu", FC01)
     assert result.returncode == 0, result.stdout
     assert "unit:      1" in result.stdout
     assert "function:  3 (read holding registers)" in result.stdout
     assert "0x0000" in result.stdout and "0x3F80" in result.stdout
+
+
+def test_decode_shows_the_word_order_that_makes_sense() -> None:
+    # FC-01: the same two registers are 1.0 low-word-first and a denormal big-endian.
+    result = run_agent("decode", "--protocol", "modbus-rtu", FC01)
+    assert "ABCD=denormal (wrong order?)  CDAB=1" in result.stdout
+
+
+def test_decode_modbus_tcp_field_case_and_hint_from_rtu() -> None:
+    # FC-02: a Modbus TCP response of 105 registers (SunSpec model 203 payload).
+    lines = (DATA / "modbus" / "FC-02.hex").read_text().splitlines()
+    response = next(line for line in lines if line.startswith("<--"))[3:]
+    tcp = run_agent("decode", "--protocol", "modbus-tcp", response)
+    assert tcp.returncode == 0, tcp.stdout
+    assert "transaction: 147" in tcp.stdout and "count:     105" in tcp.stdout
+    assert "[+0] 0x0067  (103)" in tcp.stdout
+    rtu = run_agent("decode", "--protocol", "modbus-rtu", response)
+    assert rtu.returncode == 1
+    assert "try --protocol modbus-tcp" in rtu.stdout
+
+
+def test_decode_of_text_that_is_not_hex_is_a_usage_error() -> None:
+    result = run_agent("decode", "--protocol", "modbus-rtu", "01 0G")
+    assert result.returncode == 2
+    assert "not a hex digit" in result.stdout
 
 
 def test_decode_exits_1_on_a_bad_crc() -> None:

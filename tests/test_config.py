@@ -194,7 +194,8 @@ BROKEN = [
         GATEWAY + 'interval = "5s"\n',
         3,
         "gateway.interval",
-        'an interval of 5 s is not allowed: use "15m", "30m" or "60m" (1-60 s only '
+        'an interval of \'5s\' (5 s) is not allowed: use "15m", "30m" or "60m" '
+        "(1-60 s only "
         "with demo = true",
         id="short-interval-without-demo",
     ),
@@ -202,7 +203,7 @@ BROKEN = [
         GATEWAY + 'interval = "10m"\n',
         3,
         "gateway.interval",
-        "an interval of 600 s is not allowed",
+        "an interval of '10m' (600 s) is not allowed",
         id="interval-not-allowed",
     ),
     pytest.param(
@@ -237,7 +238,7 @@ BROKEN = [
         GATEWAY + TCP_BUS + "baudrate = 9600\n",
         8,
         "buses[0].baudrate",
-        "baudrate applies to rtu-over-tcp and rtu buses only (this bus is tcp)",
+        "baudrate applies to rtu-over-tcp, rtu and dlms-hdlc buses only (this bus is tcp)",
         id="serial-key-on-tcp-bus",
     ),
     pytest.param(
@@ -478,7 +479,7 @@ def test_short_intervals_need_demo_or_the_test_switch(tmp_path: Path) -> None:
     (problem,) = problems_of(
         write(tmp_path, GATEWAY + 'interval = "90s"\ndemo = true\n', "long.toml")
     )
-    assert problem.message.startswith("an interval of 90 s is not allowed")
+    assert problem.message.startswith("an interval of '90s' (90 s) is not allowed")
 
 
 def test_defaults_and_relative_paths(tmp_path: Path) -> None:
@@ -582,3 +583,122 @@ def test_bus_config_builds_the_driver_bus_spec(tmp_path: Path) -> None:
     assert (tcp.kind, tcp.host, tcp.port, tcp.gap_s) == ("tcp", "10.0.0.5", 1502, None)
     assert site.buses["lan"].label == "10.0.0.5:1502"
     assert site.buses["rs485"].label == "/dev/ttyUSB0"
+
+
+# --- [[upstreams]] and [storage] (ies_agent.upstream.settings) -----------------------
+
+
+def test_upstreams_load_with_defaults_and_resolved_paths(tmp_path: Path) -> None:
+    text = (
+        GATEWAY
+        + """
+[[upstreams]]
+name = "utility"
+kind = "mqtt"
+url = "mqtts://broker.example:8883"
+tls_ca_file = "ca.pem"
+tls_cert_file = "gw.pem"
+tls_key_file = "gw.key"
+username = "gw-1"
+password_file = "mqtt.pass"
+e2e_ack = true
+protocol = "3.1.1"
+
+[[upstreams]]
+name = "discom"
+kind = "ies-https"
+url = "https://ies.example/beckn"
+mode = "direct"
+subscriber_id = "gw-1.discom.example"
+key_id = "k1"
+signing_key_file = "/etc/ies-agent/beckn.key"
+meter_refs = { grid = "did:web:discom.example:meter:1" }
+
+[[upstreams]]
+name = "stick"
+kind = "file"
+path = "/media/usb"
+enabled = false
+
+[storage]
+reserve_mb = 100
+quota_mb = 2048
+"""
+    )
+    site = load_site(write(tmp_path, text))
+    mqtt, ies, stick = site.upstreams
+    assert (mqtt.name, mqtt.kind, mqtt.prefix, mqtt.protocol) == (
+        "utility",
+        "mqtt",
+        "ies",
+        "3.1.1",
+    )
+    assert mqtt.tls and mqtt.e2e_ack and mqtt.batch_max_entries == 200
+    assert mqtt.tls_ca_file == tmp_path / "ca.pem"
+    assert mqtt.password_file == tmp_path / "mqtt.pass"
+    assert ies.mode == "direct" and ies.action == "on_status"
+    assert ies.meter_refs == {"grid": "did:web:discom.example:meter:1"}
+    assert stick.path == Path("/media/usb") and not stick.enabled
+    assert (site.storage.reserve_mb, site.storage.quota_mb) == (100, 2048)
+
+
+@pytest.mark.parametrize(
+    ("table", "key", "message"),
+    [
+        ('kind = "mqtt"\nurl = "http://b:1883"', "url", "is not a mqtt url"),
+        (
+            'kind = "mqtt"\nurl = "mqtt://b"\ntls_ca_file = "ca.pem"',
+            "tls_ca_file",
+            "plain mqtt://",
+        ),
+        (
+            'kind = "mqtt"\nurl = "mqtts://b"\ntls_cert_file = "c.pem"',
+            "tls_cert_file",
+            "needs both",
+        ),
+        (
+            'kind = "mqtt"\nurl = "mqtts://b"\nprefix = "ies/#"',
+            "prefix",
+            "not a topic prefix",
+        ),
+        (
+            'kind = "mqtt"\nurl = "mqtts://b"\npassword_file = "p"',
+            "password_file",
+            "needs username",
+        ),
+        (
+            'kind = "mqtt"\nurl = "mqtts://b"\nmode = "direct"',
+            "mode",
+            "applies to ies-https upstreams only",
+        ),
+        ('kind = "ies-https"\nurl = "http://ies.example"', "url", "only allowed to"),
+        (
+            'kind = "ies-https"\nurl = "https://x"\nmode = "direct"',
+            "subscriber_id",
+            "needs subscriber_id",
+        ),
+        ('kind = "ies-https"\nurl = "https://x"\nkey_id = "a|b"', "key_id", "'|'"),
+        ('kind = "file"', "path", "missing"),
+        ('kind = "ftp"', "kind", "is not one of"),
+        (
+            'kind = "file"\npath = "/x"\nbatch_max_entries = 0',
+            "batch_max_entries",
+            "out of range",
+        ),
+    ],
+)
+def test_bad_upstream_tables_name_line_and_key(
+    tmp_path: Path, table: str, key: str, message: str
+) -> None:
+    text = GATEWAY + '\n[[upstreams]]\nname = "u"\n' + table + "\n"
+    with pytest.raises(ConfigError) as caught:
+        load_site(write(tmp_path, text))
+    problem = next(p for p in caught.value.problems if p.key.endswith(key))
+    assert message in problem.message
+    assert problem.line is not None and problem.line > 3
+
+
+def test_duplicate_upstream_names_are_refused(tmp_path: Path) -> None:
+    one = '\n[[upstreams]]\nname = "u"\nkind = "file"\npath = "/a"\n'
+    with pytest.raises(ConfigError, match="already used"):
+        load_site(write(tmp_path, GATEWAY + one + one))

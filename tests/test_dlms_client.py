@@ -33,7 +33,12 @@ from ies_drivers.dlms.errors import (
     SessionStateError,
 )
 from ies_drivers.dlms.obis import Obis
-from ies_drivers.dlms.server import ServerSecurity, ServerSession, SimulatedMeter, demo_keys
+from ies_drivers.dlms.server import (
+    ServerSecurity,
+    ServerSession,
+    SimulatedMeter,
+    demo_keys,
+)
 
 METER_KEYS = demo_keys()
 CLIENT_KEYS = security.SecurityKeys(
@@ -61,7 +66,9 @@ def run(client: ClientSession, server: ServerSession, request: bytes) -> Session
         request = event.request
 
 
-def associate(settings: ClientSettings, **policy: object) -> tuple[ClientSession, ServerSession]:
+def associate(
+    settings: ClientSettings, **policy: object
+) -> tuple[ClientSession, ServerSession]:
     client = ClientSession(settings)
     server = server_for(settings.client_sap, **policy)
     event = run(client, server, client.associate())
@@ -70,7 +77,9 @@ def associate(settings: ClientSettings, **policy: object) -> tuple[ClientSession
     return client, server
 
 
-def get(client: ClientSession, server: ServerSession, what: AttributeDescriptor) -> axdr.Data:
+def get(
+    client: ClientSession, server: ServerSession, what: AttributeDescriptor
+) -> axdr.Data:
     event = run(client, server, client.get(what))
     assert isinstance(event, GetDone)
     (result,) = event.results
@@ -119,7 +128,9 @@ def test_hls_gmac_both_sides_prove_their_keys() -> None:
 
 def test_hls_with_wrong_keys_fails_and_leaves_the_session_idle() -> None:
     wrong = security.SecurityKeys(b"\x11" * 16, b"\x22" * 16, b"IESGW001")
-    client = ClientSession(ClientSettings(client_sap=48, authentication="high-gmac", keys=wrong))
+    client = ClientSession(
+        ClientSettings(client_sap=48, authentication="high-gmac", keys=wrong)
+    )
     with pytest.raises(SecurityError, match="refused our HLS reply"):
         run(client, server_for(48), client.associate())
     assert client.state == "idle"
@@ -127,7 +138,10 @@ def test_hls_with_wrong_keys_fails_and_leaves_the_session_idle() -> None:
 
 def test_suite0_ciphered_session_and_replay_refused() -> None:
     settings = ClientSettings(
-        client_sap=48, authentication="high-gmac", keys=CLIENT_KEYS, security_control=0x30
+        client_sap=48,
+        authentication="high-gmac",
+        keys=CLIENT_KEYS,
+        security_control=0x30,
     )
     client, server = associate(settings)
     request = client.get(SERIAL)
@@ -145,7 +159,10 @@ def test_suite0_ciphered_session_and_replay_refused() -> None:
 
 def test_a_tampered_ciphered_answer_is_refused() -> None:
     settings = ClientSettings(
-        client_sap=48, authentication="high-gmac", keys=CLIENT_KEYS, security_control=0x30
+        client_sap=48,
+        authentication="high-gmac",
+        keys=CLIENT_KEYS,
+        security_control=0x30,
     )
     client, server = associate(settings)
     answer = bytearray(server.handle(client.get(SERIAL)) or b"")
@@ -187,13 +204,17 @@ def test_set_the_clock_then_read_it_back() -> None:
     client, server = associate(
         ClientSettings(client_sap=32, authentication="low", password=b"ABCDEFGH")
     )
-    before = get(client, server, CLOCK).as_datetime().to_datetime(india_deviation_sign=True)
+    before = (
+        get(client, server, CLOCK).as_datetime().to_datetime(india_deviation_sign=True)
+    )
     assert before is not None
     target = before + timedelta(hours=1)
     stamp = axdr.CosemDateTime.from_datetime(target, india_deviation_sign=True)
     event = run(client, server, client.set(CLOCK, axdr.date_time_string(stamp)))
     assert isinstance(event, SetDone) and event.result == 0
-    after = get(client, server, CLOCK).as_datetime().to_datetime(india_deviation_sign=True)
+    after = (
+        get(client, server, CLOCK).as_datetime().to_datetime(india_deviation_sign=True)
+    )
     assert after is not None and abs((after - target).total_seconds()) < 5
 
 
@@ -207,7 +228,7 @@ def test_requests_out_of_state_are_our_bug_not_the_meters() -> None:
 
 
 def test_an_answer_to_another_request_is_refused() -> None:
-    client, server = associate(ClientSettings())
+    client, _server = associate(ClientSettings())
     client.get(SERIAL)
     stray = ap.GetResponseNormal(axdr.uint8(1), invoke=0xC9).to_bytes()
     with pytest.raises(ApduError, match="invoke-id 9"):

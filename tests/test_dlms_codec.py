@@ -49,7 +49,7 @@ def hex_lines(name: str) -> list[bytes]:
     ]
 
 
-# --- OBIS ------------------------------------------------------------------------------
+# --- OBIS ---------------------------------------------------------------------------
 
 
 def test_obis_reads_every_written_form_and_prints_the_short_one() -> None:
@@ -67,7 +67,7 @@ def test_obis_refuses_what_is_not_six_groups(text: str) -> None:
         Obis.parse(text)
 
 
-# --- A-XDR -----------------------------------------------------------------------------
+# --- A-XDR --------------------------------------------------------------------------
 
 
 def every_type() -> Data:
@@ -80,7 +80,10 @@ def every_type() -> Data:
         axdr.TypeDescription(
             DataType.STRUCTURE,
             2,
-            (axdr.TypeDescription(DataType.UNSIGNED), axdr.TypeDescription(DataType.LONG)),
+            (
+                axdr.TypeDescription(DataType.UNSIGNED),
+                axdr.TypeDescription(DataType.LONG),
+            ),
         ),
         (
             axdr.structure((axdr.uint8(1), axdr.int16(-2))),
@@ -147,7 +150,9 @@ def test_lengths_use_the_long_form_above_127() -> None:
         ("", "value was expected"),
     ],
 )
-def test_broken_data_gives_typed_errors_with_a_reason(hex_text: str, message: str) -> None:
+def test_broken_data_gives_typed_errors_with_a_reason(
+    hex_text: str, message: str
+) -> None:
     with pytest.raises(AxdrError, match=message) as caught:
         axdr.decode(bytes.fromhex(hex_text))
     assert isinstance(caught.value, DecodeError)
@@ -191,7 +196,7 @@ def test_from_datetime_round_trips_under_both_conventions() -> None:
     assert blue.to_datetime(india_deviation_sign=False) == moment
 
 
-# --- field cases -----------------------------------------------------------------------
+# --- field cases --------------------------------------------------------------------
 
 
 def fc06() -> dict[str, object]:
@@ -343,8 +348,12 @@ def test_fc05_data_notification_values_and_tariff_sums() -> None:
     assert values["1-1:2.8.0"] == "3038"
     assert values["1-0:32.7.0"] == "233.6"
     assert values["1-0:31.7.0"] == "0.00"
-    assert int(values["1-1:1.8.1"]) + int(values["1-1:1.8.2"]) == int(values["1-1:1.8.0"])
-    assert int(values["1-1:2.8.1"]) + int(values["1-1:2.8.2"]) == int(values["1-1:2.8.0"])
+    assert int(values["1-1:1.8.1"]) + int(values["1-1:1.8.2"]) == int(
+        values["1-1:1.8.0"]
+    )
+    assert int(values["1-1:2.8.1"]) + int(values["1-1:2.8.2"]) == int(
+        values["1-1:2.8.0"]
+    )
 
 
 def test_fc08_deviation_0x8000_is_unknown_not_minus_32768_minutes() -> None:
@@ -375,11 +384,13 @@ def test_fc08_deviation_0x8000_is_unknown_not_minus_32768_minutes() -> None:
     assert volts == ["232", "233", "236"]
 
 
-# --- security suite 0 ------------------------------------------------------------------
+# --- security suite 0 ---------------------------------------------------------------
 
 
 def suite0() -> dict[str, dict[str, str] | str]:
-    loaded: dict[str, dict[str, str] | str] = json.loads((DATA / "suite0.json").read_text())
+    loaded: dict[str, dict[str, str] | str] = json.loads(
+        (DATA / "suite0.json").read_text()
+    )
     return loaded
 
 
@@ -425,7 +436,7 @@ def test_keys_of_the_wrong_size_are_refused_and_never_printed() -> None:
     assert "6b6b" not in repr(keys) and "hidden" in repr(keys)
 
 
-# --- APDUs -----------------------------------------------------------------------------
+# --- APDUs --------------------------------------------------------------------------
 
 
 def test_association_apdus_round_trip() -> None:
@@ -472,14 +483,23 @@ def test_service_apdus_round_trip() -> None:
 
 @pytest.mark.parametrize(
     "hex_text",
-    ["", "c401", "c401c1", "c40fc100", "60", "6105a203020100ff", "c801", "c4 01 c1 00 1100 ff"],
+    [
+        "",
+        "c401",
+        "c401c1",
+        "c40fc100",
+        "60",
+        "6105a203020100ff",
+        "c801",
+        "c4 01 c1 00 1100 ff",
+    ],
 )
 def test_broken_apdus_give_typed_errors(hex_text: str) -> None:
     with pytest.raises((ApduError, AxdrError)):
         ap.decode_apdu(bytes.fromhex(hex_text.replace(" ", "")))
 
 
-# --- the profile file ------------------------------------------------------------------
+# --- the profile file ---------------------------------------------------------------
 
 
 def test_is15959_profile_file_says_india_and_lists_every_profile() -> None:
@@ -505,7 +525,9 @@ def test_a_broken_profile_file_names_file_line_and_key(tmp_path: Path) -> None:
         '[profile]\nid = "bad"\nclock = "0-0:1.0.0.255"\n\n'
         '[profiles.x]\nobis = "1-0:99.1"\nkind = "interval"\n'
     )
-    with pytest.raises(ProfileError, match=r"bad.toml:6: profiles.x.obis: .*not an OBIS"):
+    with pytest.raises(
+        ProfileError, match=r"bad.toml:6: profiles.x.obis: .*not an OBIS"
+    ):
         load_profile(bad)
     bad.write_text('[profile]\nid = "bad"\nquirks = ["us_sign"]\n')
     with pytest.raises(ProfileError, match="quirks"):

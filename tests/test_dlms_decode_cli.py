@@ -53,7 +53,10 @@ def test_a_broken_fcs_exits_1_with_the_reason() -> None:
     ("apdu", "expected"),
     [
         ("C0 01 C1 00 01 01 00 20 20 00 FF 01 00", "class 1, 1-0:32.32.0, attribute 1"),
-        ("C4 01 C1 00 09 0C 07 E9 07 17 03 08 1E 18 FF 01 4A 00", "IS 15959: UTC+05:30"),
+        (
+            "C4 01 C1 00 09 0C 07 E9 07 17 03 08 1E 18 FF 01 4A 00",
+            "IS 15959: UTC+05:30",
+        ),
         ("61 05 A2 03 02 01 01", "rejected (permanent)"),
     ],
 )
@@ -70,5 +73,7 @@ def test_a_truncated_apdu_exits_1() -> None:
 
 
 def test_modbus_rtu_still_decodes() -> None:
-    result = run_agent("decode", "--protocol", "modbus-rtu", "01 03 04 00 00 3F 80 EA 63")
+    result = run_agent(
+        "decode", "--protocol", "modbus-rtu", "01 03 04 00 00 3F 80 EA 63"
+    )
     assert result.returncode == 0 and "unit:      1" in result.stdout

@@ -34,7 +34,7 @@ def test_fcs16_check_value() -> None:
     assert hdlc.fcs16(b"123456789") == 0x906E
 
 
-# --- FC-04: a 0x7E inside the FCS -------------------------------------------------------
+# --- FC-04: a 0x7E inside the FCS ---------------------------------------------------
 
 
 def test_fc04_both_frames_are_valid_with_the_published_checks() -> None:
@@ -114,7 +114,7 @@ def test_a_length_field_that_lies_is_an_error() -> None:
         reader.next_frame()
 
 
-# --- FC-05 / FC-08: segmented and single-frame pushes -----------------------------------
+# --- FC-05 / FC-08: segmented and single-frame pushes -------------------------------
 
 
 def test_fc05_three_segments_reassemble_and_one_alone_fails_cleanly() -> None:
@@ -139,12 +139,17 @@ def test_fc08_single_frame_is_valid() -> None:
     assert hdlc.reassemble([frame])[:5] == bytes.fromhex("0f00000000")
 
 
-# --- addresses and parameters ------------------------------------------------------------
+# --- addresses and parameters -------------------------------------------------------
 
 
 @pytest.mark.parametrize(
     "address",
-    [HdlcAddress(16), HdlcAddress(1, 17, 2), HdlcAddress(1, 3875, 4), HdlcAddress(0x3FFF, 0x3FFF, 4)],
+    [
+        HdlcAddress(16),
+        HdlcAddress(1, 17, 2),
+        HdlcAddress(1, 3875, 4),
+        HdlcAddress(0x3FFF, 0x3FFF, 4),
+    ],
 )
 def test_addresses_round_trip(address: HdlcAddress) -> None:
     raw = address.to_bytes()
@@ -165,7 +170,7 @@ def test_parameters_round_trip_and_default_when_absent() -> None:
         HdlcParameters.from_info(b"\x01\x02\x03")
 
 
-# --- a client and a server link in memory -----------------------------------------------
+# --- a client and a server link in memory -------------------------------------------
 
 CLIENT = HdlcAddress(16)
 SERVER = HdlcAddress(1, 17, 4)
@@ -174,7 +179,10 @@ SERVER = HdlcAddress(1, 17, 4)
 def pair(client_info: int = 128, server_info: int = 128) -> tuple[HdlcLink, HdlcLink]:
     client = HdlcLink(CLIENT, SERVER, params=HdlcParameters(client_info, client_info))
     server = HdlcLink(
-        SERVER, HdlcAddress(0), role="server", params=HdlcParameters(server_info, server_info)
+        SERVER,
+        HdlcAddress(0),
+        role="server",
+        params=HdlcParameters(server_info, server_info),
     )
     return client, server
 
@@ -243,10 +251,12 @@ def test_the_rs485_echo_of_our_own_frames_is_ignored() -> None:
 
 
 def test_a_frame_from_another_server_is_an_address_error() -> None:
-    client, server = pair()
+    client, _server = pair()
     client.connect()
     client.data_to_send()
-    stranger = hdlc.encode_frame(CLIENT, HdlcAddress(1, 99, 4), hdlc.UA | hdlc.POLL_FINAL)
+    stranger = hdlc.encode_frame(
+        CLIENT, HdlcAddress(1, 99, 4), hdlc.UA | hdlc.POLL_FINAL
+    )
     client.receive_data(stranger)
     with pytest.raises(AddressError, match="1/99"):
         client.next_event()
@@ -290,7 +300,7 @@ def test_disc_brings_both_ends_down() -> None:
     assert client.state == server.state == "disconnected"
 
 
-# --- IEC 62056-21 mode E -----------------------------------------------------------------
+# --- IEC 62056-21 mode E ------------------------------------------------------------
 
 
 def test_mode_e_identification_and_acknowledgement() -> None:
@@ -305,7 +315,7 @@ def test_mode_e_identification_and_acknowledgement() -> None:
         hdlc.parse_identification(b"garbage\r\n")
 
 
-# --- the TCP wrapper ---------------------------------------------------------------------
+# --- the TCP wrapper ----------------------------------------------------------------
 
 
 def test_wrapper_frames_split_anywhere() -> None:

@@ -76,7 +76,9 @@ def test_profiles_of_a_metered_log_validate_and_hold_exact_values(
 
     kinds = [p["profileType"] for p in document]
     assert kinds == ["DESCRIPTOR", "INTERVAL", "INTERVAL"] + ["INSTANTANEOUS"] * 10
-    grid = next(p for p in document if p.get("compactSequenceRef") == "IntervalSeq-grid")
+    grid = next(
+        p for p in document if p.get("compactSequenceRef") == "IntervalSeq-grid"
+    )
     assert grid["meterRefs"] == [{"scheme": "METER_SERIAL", "value": "SM-0001"}]
     assert grid["intervalPeriod"] == {
         "start": "2026-05-04T09:00:00+05:30",
@@ -116,7 +118,9 @@ def test_unsynchronised_clock_marks_rows_suspect(tmp_path: Path) -> None:
     write_site_log(tmp_path, 3, tq="U")
     document = parse(dumps(profiles_from_lines(log_lines(tmp_path), gateway_id="g")))
     assert meterdata_problems(document, load_codes()) == []
-    grid = next(p for p in document if p.get("compactSequenceRef") == "IntervalSeq-grid")
+    grid = next(
+        p for p in document if p.get("compactSequenceRef") == "IntervalSeq-grid"
+    )
     overrides = grid["intervals"][0]["overrides"]
     assert {"descriptorIndex": 0, "validationStatus": "SUSPECT"}.items() <= overrides[
         0
@@ -139,7 +143,9 @@ def test_a_missing_boundary_leaves_a_gap_in_ids_not_a_wrong_block(
     builder.feed(kept)
     document = parse(dumps(builder.profiles()))
     assert meterdata_problems(document, load_codes()) == []
-    grid = next(p for p in document if p.get("compactSequenceRef") == "IntervalSeq-grid")
+    grid = next(
+        p for p in document if p.get("compactSequenceRef") == "IntervalSeq-grid"
+    )
     assert grid["meterRefs"] == [{"scheme": "DID", "value": "did:web:x:m1"}]
     assert [r["id"] for r in grid["intervals"]] == [0, 3]
 

@@ -40,8 +40,8 @@ def _fc10() -> tuple[str, str]:
     lines = [
         line.split(":", 1)[1].strip()
         for line in (OCPP / "FC-10.log").read_text().splitlines()
-        if line.startswith("receive:") and '"StartTransaction"' in line
-        or line.startswith("receive:") and '"StopTransaction"' in line
+        if line.startswith("receive:")
+        and ('"StartTransaction"' in line or '"StopTransaction"' in line)
     ]
     return lines[0], lines[1]
 
@@ -61,11 +61,15 @@ async def test_16_and_201_chargers_charge_with_evidence_and_receipts(
         stop.set()
         await asyncio.gather(*tasks)
         status = run.state.chargers["CP201"]
-        assert status.version == "2.0.1" and status.identity["model"] == "SimCharger-201"
+        assert (
+            status.version == "2.0.1" and status.identity["model"] == "SimCharger-201"
+        )
         receipts = run.events("session_receipt")
 
     # Every session of both chargers has a receipt with exact energy and ids.
-    by_charger = {cid: [r for r in receipts if r["charger"] == cid] for cid in ("CP16", "CP201")}
+    by_charger = {
+        cid: [r for r in receipts if r["charger"] == cid] for cid in ("CP16", "CP201")
+    }
     assert len(by_charger["CP16"]) == sims[0].sessions
     assert len(by_charger["CP201"]) == sims[1].sessions
     for receipt in receipts:
@@ -78,7 +82,10 @@ async def test_16_and_201_chargers_charge_with_evidence_and_receipts(
     assert sorted(int(r["transaction_id"]) for r in by_charger["CP16"])[0] == 1
 
     # Meter values became readings with OBIS codes; kW was turned into W.
-    entries = [json.loads(x) for x in (tmp_path / "data/evidence.jsonl").read_text().splitlines()]
+    entries = [
+        json.loads(x)
+        for x in (tmp_path / "data/evidence.jsonl").read_text().splitlines()
+    ]
     power = [e for e in entries if e.get("q") == "Power.Active.Import"]
     assert power and all(e["val"] == "7400" and e["unit"] == "W" for e in power)
     energy = [e for e in entries if e.get("obis") == "1-0:1.8.0*255"]
@@ -98,32 +105,34 @@ async def test_fc10_stop_with_id_minus_one_is_answered_and_recorded_unmatched(
 ) -> None:
     start, stop = _fc10()
     config = ocpp_config({"goe": (V16,)})
-    async with running_central(config, tmp_path / "data") as run:
-        async with RawCharger.connect(run.url, "goe") as charger:
-            await charger.call(BOOT_16)
-            started = await charger.call(start)
-            assert started[:2] == [3, "531531541"]
-            tx_id = started[2]["transactionId"]
-            assert isinstance(tx_id, int)
-            answer = await charger.call(stop)
-            # A proper, three-element CALLRESULT with the charger's string id.
-            assert answer == [3, "531531582", {}]
-            unmatched = run.events("session_stop_unmatched")
-            assert len(unmatched) == 1
-            record = unmatched[0]
-            assert record["transaction_id"] == "-1"
-            assert "unmatched" in record["flags"] and "time_inverted" in record["flags"]
-            assert record["energy_wh"] == "0"
-            assert "duration_s" not in record  # never a negative duration
-            assert record["candidate"]["transaction_id"] == str(tx_id)
-            # The real transaction stays open; no receipt was made for it.
-            assert run.events("session_receipt") == []
-            assert run.state.chargers["goe"].open_transactions == 1
-            proper = stop.replace('"transactionId":-1', f'"transactionId":{tx_id}')
-            proper = proper.replace("20:17:05", "20:40:05")
-            assert (await charger.call(proper))[0] == 3
-            receipt = run.events("session_receipt")[0]
-            assert receipt["duration_s"] == 725 and receipt["energy_wh"] == "0"
+    async with (
+        running_central(config, tmp_path / "data") as run,
+        RawCharger.connect(run.url, "goe") as charger,
+    ):
+        await charger.call(BOOT_16)
+        started = await charger.call(start)
+        assert started[:2] == [3, "531531541"]
+        tx_id = started[2]["transactionId"]
+        assert isinstance(tx_id, int)
+        answer = await charger.call(stop)
+        # A proper, three-element CALLRESULT with the charger's string id.
+        assert answer == [3, "531531582", {}]
+        unmatched = run.events("session_stop_unmatched")
+        assert len(unmatched) == 1
+        record = unmatched[0]
+        assert record["transaction_id"] == "-1"
+        assert "unmatched" in record["flags"] and "time_inverted" in record["flags"]
+        assert record["energy_wh"] == "0"
+        assert "duration_s" not in record  # never a negative duration
+        assert record["candidate"]["transaction_id"] == str(tx_id)
+        # The real transaction stays open; no receipt was made for it.
+        assert run.events("session_receipt") == []
+        assert run.state.chargers["goe"].open_transactions == 1
+        proper = stop.replace('"transactionId":-1', f'"transactionId":{tx_id}')
+        proper = proper.replace("20:17:05", "20:40:05")
+        assert (await charger.call(proper))[0] == 3
+        receipt = run.events("session_receipt")[0]
+        assert receipt["duration_s"] == 725 and receipt["energy_wh"] == "0"
 
 
 async def test_fc09_long_serials_boot_accepted_and_strict_mode_refuses(
@@ -150,7 +159,9 @@ async def test_fc09_long_serials_boot_accepted_and_strict_mode_refuses(
             assert (await charger.call(BOOT_16))[2]["status"] == "Accepted"
 
 
-async def test_fc12_probe_in_16_then_201_gives_a_clean_201_session(tmp_path: Path) -> None:
+async def test_fc12_probe_in_16_then_201_gives_a_clean_201_session(
+    tmp_path: Path,
+) -> None:
     config = ocpp_config({"Charger01": (V201, V16)})
     boot_201 = json.dumps(
         [
@@ -164,7 +175,9 @@ async def test_fc12_probe_in_16_then_201_gives_a_clean_201_session(tmp_path: Pat
         ]
     )
     status_line = next(
-        line for line in (OCPP / "FC-12.log").read_text().splitlines() if "StatusNotification" in line
+        line
+        for line in (OCPP / "FC-12.log").read_text().splitlines()
+        if "StatusNotification" in line
     )
     status = json.loads(status_line.split("receive message ", 1)[1])
     status[1] = "2"
@@ -199,10 +212,18 @@ async def test_malformed_input_gets_callerrors_and_the_connection_stays(
             ]
             wrong_type = '[2,"t1","StatusNotification",{"connectorId":"1",'
             wrong_type += '"errorCode":"NoError","status":"Available"}]'
-            assert (await charger.call(wrong_type))[:3] == [4, "t1", "TypeConstraintViolation"]
+            assert (await charger.call(wrong_type))[:3] == [
+                4,
+                "t1",
+                "TypeConstraintViolation",
+            ]
             missing = '[2,"m1","StartTransaction",{"connectorId":1}]'
             answer = await charger.call(missing)
-            assert answer[:3] == [4, "m1", "OccurenceConstraintViolation"]  # 1.6 spelling
+            assert answer[:3] == [
+                4,
+                "m1",
+                "OccurenceConstraintViolation",
+            ]  # 1.6 spelling
             assert (await charger.call('[2,"x1","Heartbeat"]'))[:2] == [4, "x1"]
             assert (await charger.call('[7,"x2",{}]'))[:3] == [4, "x2", "ProtocolError"]
             # A stray answer and a binary frame are ignored, not fatal.
@@ -225,33 +246,43 @@ async def test_unknown_chargers_are_refused_unless_configured(tmp_path: Path) ->
                 pass
         assert refused.value.response.status_code == 404
     open_config = ocpp_config({}, accept_unknown=True)
-    async with running_central(open_config, tmp_path / "b") as run:
-        async with RawCharger.connect(run.url, "stranger") as charger:
-            assert (await charger.call(BOOT_16))[2]["status"] == "Accepted"
+    async with (
+        running_central(open_config, tmp_path / "b") as run,
+        RawCharger.connect(run.url, "stranger") as charger,
+    ):
+        assert (await charger.call(BOOT_16))[2]["status"] == "Accepted"
 
 
-async def test_no_common_version_closes_and_no_subprotocol_means_16(tmp_path: Path) -> None:
+async def test_no_common_version_closes_and_no_subprotocol_means_16(
+    tmp_path: Path,
+) -> None:
     config = ocpp_config({"only201": (V201,), "legacy": (V16,)})
     async with running_central(config, tmp_path / "data") as run:
         async with RawCharger.connect(run.url, "only201", V16) as charger:
-            with pytest.raises(Exception, match="1002|no common"):
+            with pytest.raises(Exception, match=r"1002|no common"):
                 await charger.answer(timeout_s=3)
         async with RawCharger.connect(run.url, "legacy", None) as charger:
             assert charger.subprotocol is None
             assert (await charger.call(BOOT_16))[2]["status"] == "Accepted"
 
 
-async def test_offline_authorisation_uses_the_configured_default(tmp_path: Path) -> None:
+async def test_offline_authorisation_uses_the_configured_default(
+    tmp_path: Path,
+) -> None:
     authorize = '[2,"a1","Authorize",{"idTag":"NEW-TAG"}]'
-    async with running_central(ocpp_config({"c": (V16,)}), tmp_path / "a") as run:
-        async with RawCharger.connect(run.url, "c") as charger:
-            answer = await charger.call(authorize)
-            assert answer[2] == {"idTagInfo": {"status": "Invalid"}}
+    async with (
+        running_central(ocpp_config({"c": (V16,)}), tmp_path / "a") as run,
+        RawCharger.connect(run.url, "c") as charger,
+    ):
+        answer = await charger.call(authorize)
+        assert answer[2] == {"idTagInfo": {"status": "Invalid"}}
     config = ocpp_config({"c": (V16,)}, offline_unknown_id_tag="Accepted")
-    async with running_central(config, tmp_path / "b") as run:
-        async with RawCharger.connect(run.url, "c") as charger:
-            answer = await charger.call(authorize)
-            assert answer[2] == {"idTagInfo": {"status": "Accepted"}}
+    async with (
+        running_central(config, tmp_path / "b") as run,
+        RawCharger.connect(run.url, "c") as charger,
+    ):
+        answer = await charger.call(authorize)
+        assert answer[2] == {"idTagInfo": {"status": "Accepted"}}
 
 
 async def test_signed_meter_values_are_kept_byte_exact(tmp_path: Path) -> None:
@@ -264,7 +295,10 @@ async def test_signed_meter_values_are_kept_byte_exact(tmp_path: Path) -> None:
         {
             "connectorId": 1,
             "meterValue": [
-                {"timestamp": "2025-05-01T12:30:00Z", "sampledValue": [examples["ocpp16_sampledValue"]]}
+                {
+                    "timestamp": "2025-05-01T12:30:00Z",
+                    "sampledValue": [examples["ocpp16_sampledValue"]],
+                }
             ],
         },
     ]
@@ -275,7 +309,10 @@ async def test_signed_meter_values_are_kept_byte_exact(tmp_path: Path) -> None:
         {
             "evseId": 1,
             "meterValue": [
-                {"timestamp": "2025-05-01T12:30:00Z", "sampledValue": [examples["ocpp201_sampledValue"]]}
+                {
+                    "timestamp": "2025-05-01T12:30:00Z",
+                    "sampledValue": [examples["ocpp201_sampledValue"]],
+                }
             ],
         },
     ]
@@ -287,16 +324,23 @@ async def test_signed_meter_values_are_kept_byte_exact(tmp_path: Path) -> None:
         signed = {e["src"]: e for e in run.events("signed_meter_value")}
     assert signed["s16/1"]["signed"]["data"] == examples["ocpp16_sampledValue"]["value"]
     assert signed["s16/1"]["signed"]["encoding"] == "OCMF"
-    assert "reading_seq" not in signed["s16/1"]  # a 1.6 signed value has no plain number
+    assert (
+        "reading_seq" not in signed["s16/1"]
+    )  # a 1.6 signed value has no plain number
     raw201 = examples["ocpp201_sampledValue"]["signedMeterValue"]
     assert signed["s201/1"]["signed"]["data"] == raw201["signedMeterData"]
     assert signed["s201/1"]["signed"]["public_key"] == raw201["publicKey"]
-    entries = [json.loads(x) for x in (tmp_path / "data/evidence.jsonl").read_text().splitlines()]
+    entries = [
+        json.loads(x)
+        for x in (tmp_path / "data/evidence.jsonl").read_text().splitlines()
+    ]
     reading = entries[signed["s201/1"]["reading_seq"]]
     assert reading["val"] == "12346012" and reading["obis"] == "1-0:1.8.0*255"
 
 
-async def test_dispatch_limit_sits_above_and_is_removed_at_the_end(tmp_path: Path) -> None:
+async def test_dispatch_limit_sits_above_and_is_removed_at_the_end(
+    tmp_path: Path,
+) -> None:
     config = ocpp_config({"d16": (V16,), "d201": (V201,)}, dispatch_stack_level=50)
     async with running_central(config, tmp_path / "data") as run:
         stop = asyncio.Event()
@@ -308,27 +352,36 @@ async def test_dispatch_limit_sits_above_and_is_removed_at_the_end(tmp_path: Pat
         tasks = [asyncio.create_task(s.run(stop)) for s in sims]
         await _until(lambda: all(s.connected.is_set() for s in sims))
         until = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=1.5)
-        assert await run.central.set_dispatch_limit("d16", 16, unit="A", until=until) == (
-            "Accepted"
-        )
-        assert await run.central.set_dispatch_limit("d201", "7400", unit="W", until=until) == (
-            "Accepted"
-        )
+        assert await run.central.set_dispatch_limit(
+            "d16", 16, unit="A", until=until
+        ) == ("Accepted")
+        assert await run.central.set_dispatch_limit(
+            "d201", "7400", unit="W", until=until
+        ) == ("Accepted")
         assert run.state.chargers["d16"].dispatch == {
             "limit": "16",
             "unit": "A",
-            "until": until.strftime("%Y-%m-%dT%H:%M:%S.") + f"{until.microsecond // 1000:03d}Z",
+            "until": until.strftime("%Y-%m-%dT%H:%M:%S.")
+            + f"{until.microsecond // 1000:03d}Z",
         }
-        await _until(lambda: all(any(a == "ClearChargingProfile" for a, _ in s.received) for s in sims))
+        await _until(
+            lambda: all(
+                any(a == "ClearChargingProfile" for a, _ in s.received) for s in sims
+            )
+        )
         stop.set()
         await asyncio.gather(*tasks)
         applied = run.events("dispatch_limit_applied")
         cleared = run.events("dispatch_limit_cleared")
-    profile16 = next(p for a, p in sims[0].received if a == "SetChargingProfile")["profile"]
+    profile16 = next(p for a, p in sims[0].received if a == "SetChargingProfile")[
+        "profile"
+    ]
     assert profile16["stack_level"] == 50
     assert profile16["charging_profile_purpose"] == "ChargePointMaxProfile"
     assert profile16["charging_schedule"]["charging_schedule_period"][0]["limit"] == 16
-    profile201 = next(p for a, p in sims[1].received if a == "SetChargingProfile")["profile"]
+    profile201 = next(p for a, p in sims[1].received if a == "SetChargingProfile")[
+        "profile"
+    ]
     assert profile201["charging_profile_purpose"] == "ChargingStationMaxProfile"
     assert {e["status"] for e in applied} == {"Accepted"}
     assert {e["status"] for e in cleared} == {"Accepted"}
@@ -351,7 +404,9 @@ async def test_dispatch_for_an_absent_charger_waits_for_it(tmp_path: Path) -> No
         with pytest.raises(KeyError):
             await run.central.set_dispatch_limit("nobody", 1, unit="A", until=until)
         with pytest.raises(ValueError, match="time zone"):
-            await run.central.set_dispatch_limit("late", 1, unit="A", until=until.replace(tzinfo=None))
+            await run.central.set_dispatch_limit(
+                "late", 1, unit="A", until=until.replace(tzinfo=None)
+            )
 
 
 # --- security profiles --------------------------------------------------------------
@@ -374,7 +429,9 @@ async def test_profile_1_basic_auth(tmp_path: Path) -> None:
                 async with RawCharger.connect(run.url, "p1", password=wrong):
                     pass
             assert refused.value.response.status_code == 401
-        async with RawCharger.connect(run.url, "p1", password="s3cret-0123456789") as ok:
+        async with RawCharger.connect(
+            run.url, "p1", password="s3cret-0123456789"
+        ) as ok:
             assert (await ok.call(BOOT_16))[2]["status"] == "Accepted"
 
 
@@ -394,11 +451,15 @@ async def test_profile_2_tls_with_basic_auth(tmp_path: Path) -> None:
         ) as ok:
             assert (await ok.call('[2,"h","Heartbeat",{}]'))[:2] == [3, "h"]
         with pytest.raises(InvalidStatus):
-            async with RawCharger.connect(run.url, "p2", V201, password="x", ssl_context=context):
+            async with RawCharger.connect(
+                run.url, "p2", V201, password="x", ssl_context=context
+            ):
                 pass
 
 
-async def test_profile_3_client_certificate_must_name_the_charger(tmp_path: Path) -> None:
+async def test_profile_3_client_certificate_must_name_the_charger(
+    tmp_path: Path,
+) -> None:
     pki = make_pki(tmp_path / "pki", client_ids=("p3", "other"))
     config = ocpp_config(
         {"p3": (V16,), "other": (V16,)},
@@ -408,14 +469,36 @@ async def test_profile_3_client_certificate_must_name_the_charger(tmp_path: Path
         client_ca=pki.ca,
     )
     async with running_central(config, tmp_path / "data") as run:
-        async with RawCharger.connect(run.url, "p3", ssl_context=pki.client_context("p3")) as ok:
+        async with RawCharger.connect(
+            run.url, "p3", ssl_context=pki.client_context("p3")
+        ) as ok:
             assert (await ok.call(BOOT_16))[2]["status"] == "Accepted"
         # A valid certificate of another charger: refused.
         with pytest.raises(InvalidStatus) as refused:
-            async with RawCharger.connect(run.url, "p3", ssl_context=pki.client_context("other")):
+            async with RawCharger.connect(
+                run.url, "p3", ssl_context=pki.client_context("other")
+            ):
                 pass
         assert refused.value.response.status_code == 403
         # No certificate at all: the TLS handshake fails.
         with pytest.raises((OSError, InvalidHandshake)):
-            async with RawCharger.connect(run.url, "p3", ssl_context=pki.client_context()):
+            async with RawCharger.connect(
+                run.url, "p3", ssl_context=pki.client_context()
+            ):
                 await asyncio.sleep(0.2)
+
+
+async def test_a_charger_that_does_not_wait_for_answers_gets_every_one(
+    tmp_path: Path,
+) -> None:
+    # OCPP-J says one call at a time; some chargers burst. Nothing is refused for
+    # being early: the agent stops reading while 16 are in hand (back-pressure).
+    async with (
+        running_central(ocpp_config({"burst": (V16,)}), tmp_path / "data") as run,
+        RawCharger.connect(run.url, "burst") as charger,
+    ):
+        for index in range(60):
+            await charger.send(f'[2,"h{index}","Heartbeat",{{}}]')
+        answers = [await charger.answer() for _ in range(60)]
+    assert sorted(a[1] for a in answers) == sorted(f"h{i}" for i in range(60))
+    assert all(a[0] == 3 for a in answers)

@@ -37,7 +37,11 @@ from upstream_fixtures import GATEWAY, StepClock, log_lines, reading, write_site
 
 def file_upstream(path: Path, **extra: object) -> UpstreamConfig:
     return UpstreamConfig(
-        name="stick", kind="file", path=path, backoff_max_s=0.2, **extra  # type: ignore[arg-type]
+        name="stick",
+        kind="file",
+        path=path,
+        backoff_max_s=0.2,
+        **extra,  # type: ignore[arg-type]
     )
 
 
@@ -70,10 +74,15 @@ def test_reader_finds_reads_and_checks_entries(tmp_path: Path) -> None:
     assert offset == sum(len(line) + 1 for line in lines[:100])
     assert reader.locate(100, hint=offset) == offset
     assert LogReader(tmp_path).locate(100, hint=offset + 1) == offset  # bad hint
-    chunk = reader.read(100, offset, upto=len(lines) - 1, max_entries=7, max_bytes=1 << 20)
+    chunk = reader.read(
+        100, offset, upto=len(lines) - 1, max_entries=7, max_bytes=1 << 20
+    )
     assert chunk.lines == lines[100:107] and chunk.last == 106
     small = reader.read(100, offset, upto=len(lines) - 1, max_entries=99, max_bytes=600)
-    assert 1 <= len(small.lines) <= 3 and small.lines == lines[100 : 100 + len(small.lines)]
+    assert (
+        1 <= len(small.lines) <= 3
+        and small.lines == lines[100 : 100 + len(small.lines)]
+    )
     tiny = reader.read(100, offset, upto=len(lines) - 1, max_entries=9, max_bytes=10)
     assert tiny.lines == [lines[100]]  # one entry always fits, however long
     assert reader.read(100, offset, upto=99, max_entries=9, max_bytes=999).lines == []
@@ -93,12 +102,16 @@ def test_batch_message_carries_lines_byte_for_byte(tmp_path: Path) -> None:
     write_site_log(tmp_path, 2)
     lines = log_lines(tmp_path)
     cps = [(5, "note five\n— sig\n")]
-    payload = encode_batch(gw="g", origin="o", first=3, lines=lines[3:9], checkpoints=cps)
+    payload = encode_batch(
+        gw="g", origin="o", first=3, lines=lines[3:9], checkpoints=cps
+    )
     batch = decode_batch(payload)
     assert batch.entries == tuple(lines[3:9]) and batch.last == 8
     assert batch.checkpoints == ((5, "note five\n— sig\n"),)
     assert json.loads(payload)["kind"] == "evidence"
-    empty = decode_batch(encode_batch(gw="g", origin="o", first=9, lines=[], checkpoints=cps))
+    empty = decode_batch(
+        encode_batch(gw="g", origin="o", first=9, lines=[], checkpoints=cps)
+    )
     assert empty.entries == () and empty.last == 8
     data = json.loads(payload)
     bad = [
@@ -107,7 +120,12 @@ def test_batch_message_carries_lines_byte_for_byte(tmp_path: Path) -> None:
         json.dumps({**data, "first": 4}).encode(),
         json.dumps({**data, "last": 99}).encode(),
         json.dumps({**data, "checkpoints": [{"size": "5"}]}).encode(),
-        json.dumps({**data, "entries": [{**data["entries"][0], "x": 1.5}] + data["entries"][1:]}).encode(),
+        json.dumps(
+            {
+                **data,
+                "entries": [{**data["entries"][0], "x": 1.5}, *data["entries"][1:]],
+            }
+        ).encode(),
     ]
     for item in bad:
         with pytest.raises(PayloadError):
@@ -168,12 +186,16 @@ async def test_file_upstream_delivers_every_entry_and_verifies(
 
     out = tmp_path / "received"
     assert collect(stick / GATEWAY, out) == (total, 31)
-    assert (out / "evidence.jsonl").read_bytes() == (data / "evidence.jsonl").read_bytes()
+    assert (out / "evidence.jsonl").read_bytes() == (
+        data / "evidence.jsonl"
+    ).read_bytes()
     assert cli(["verify", str(out), "--key", str(data / "keys" / "log.vkey")]) == 0
 
     # A restart continues from the persisted cursor: nothing is written twice.
     before = sorted(p.name for p in (stick / GATEWAY).glob("batch-*"))
-    again = Upstreams([config], data_dir=data, gateway_id=GATEWAY, origin="o", state=state)
+    again = Upstreams(
+        [config], data_dir=data, gateway_id=GATEWAY, origin="o", state=state
+    )
     assert await deliver(again)
     assert sorted(p.name for p in (stick / GATEWAY).glob("batch-*")) == before
 

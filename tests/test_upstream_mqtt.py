@@ -31,11 +31,18 @@ from ies_agent.evidence.log import EvidenceLog
 from ies_agent.state import AgentState
 from ies_agent.upstream.manager import Upstreams
 from ies_agent.upstream.settings import UpstreamConfig
-from peers.mosquitto import BrokerTls, Collector, Mosquitto, TestPki, mosquitto_available
+from peers.mosquitto import (
+    BrokerTls,
+    Collector,
+    Mosquitto,
+    TestPki,
+    mosquitto_available,
+)
 from upstream_fixtures import GATEWAY, StepClock, log_lines, reading
 
 pytestmark = pytest.mark.skipif(
-    not mosquitto_available(), reason="needs Debian's mosquitto (apt-get install mosquitto)"
+    not mosquitto_available(),
+    reason="needs Debian's mosquitto (apt-get install mosquitto)",
 )
 
 
@@ -97,7 +104,9 @@ class Site:
 
 def assert_complete_and_verifies(collector: Collector, data: Path, tmp: Path) -> None:
     total = len(log_lines(data))
-    assert collector.wait_for(total, 15.0), f"missing {collector.missing(total - 1)[:10]}"
+    assert collector.wait_for(total, 15.0), (
+        f"missing {collector.missing(total - 1)[:10]}"
+    )
     assert collector.missing(total - 1) == []
     out = tmp / "received"
     collector.write_dir(out)
@@ -131,13 +140,18 @@ async def test_every_entry_arrives_in_order_with_status_and_commands(
     assert site.broker.connected and site.broker.backlog_entries == 0
 
     # A command arrives on the command topic and is recorded as evidence.
-    pub = subprocess.run(
-        ["mosquitto_pub", "-p", str(broker.port), "-q", "1",
-         "-t", f"ies/{GATEWAY}/cmd/curtail", "-m", '{"limit_w": 2000}'],
-        capture_output=True,
-        timeout=10,
+    pub = await asyncio.create_subprocess_exec(
+        "mosquitto_pub",
+        "-p",
+        str(broker.port),
+        "-q",
+        "1",
+        "-t",
+        f"ies/{GATEWAY}/cmd/curtail",
+        "-m",
+        '{"limit_w": 2000}',
     )
-    assert pub.returncode == 0
+    assert await asyncio.wait_for(pub.wait(), 10) == 0
     await until(
         lambda: b"command_received" in (site.data / "evidence.jsonl").read_bytes(),
         10,
@@ -147,7 +161,9 @@ async def test_every_entry_arrives_in_order_with_status_and_commands(
     assert_complete_and_verifies(collector, site.data, tmp_path)
     events = [json.loads(x) for x in log_lines(site.data)]
     command = next(e for e in events if e.get("ev") == "command_received")
-    assert command["name"] == "curtail" and command["bytes"] == len(b'{"limit_w": 2000}')
+    assert command["name"] == "curtail" and command["bytes"] == len(
+        b'{"limit_w": 2000}'
+    )
     await until(
         lambda: bool(collector.status) and collector.status[-1]["state"] == "offline",
         5,
@@ -225,8 +241,7 @@ async def test_broker_without_persistence_loses_acked_messages_e2e_resends(
         # ...then the broker dies without persistence: those messages are gone.
         broker.kill()
         broker.restart(persistence=False)
-        collector = Collector(broker.port, gateway_id=GATEWAY, confirm=True)
-        collector.start()
+        collector.start()  # the same collector, with what it stored, comes back
         site.append(50)
         assert await site.finish(25)
         assert site.broker.confirmed == len(log_lines(site.data)) - 1
@@ -242,30 +257,27 @@ async def test_agent_killed_with_sigkill_in_flight_loses_nothing(
     collector.start()
     data = tmp_path / "data"
     script = ROOT / "tests" / "peers" / "upstream_agent.py"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
-        str(ROOT / p) for p in ("agent", "drivers")
-    )}
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(str(ROOT / p) for p in ("agent", "drivers")),
+    }
     rng = random.Random(4)
     try:
+        args = [sys.executable, str(script), str(data), broker.url, "--until", "3000"]
         for _ in range(3):
-            proc = subprocess.Popen(
-                [sys.executable, str(script), str(data), broker.url,
-                 "--until", "3000", "--rate", "2000"],
-                stdout=subprocess.PIPE,
-                env=env,
+            proc = await asyncio.create_subprocess_exec(
+                *args, "--rate", "2000", stdout=subprocess.PIPE, env=env
             )
             assert proc.stdout is not None
-            assert proc.stdout.readline().strip() == b"ready"
+            assert (await proc.stdout.readline()).strip() == b"ready"
             await asyncio.sleep(rng.uniform(0.4, 0.9))
             os.kill(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=10)
-        final = subprocess.run(
-            [sys.executable, str(script), str(data), broker.url, "--until", "3000"],
-            capture_output=True,
-            env=env,
-            timeout=60,
+            await asyncio.wait_for(proc.wait(), 10)
+        final = await asyncio.create_subprocess_exec(
+            *args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env
         )
-        assert final.returncode == 0, final.stdout[-500:] + final.stderr[-2000:]
+        out, err = await asyncio.wait_for(final.communicate(), 60)
+        assert final.returncode == 0, out[-500:] + err[-2000:]
         events = [json.loads(x) for x in log_lines(data)]
         assert sum(e.get("ev") == "boot" for e in events) == 4
         assert_complete_and_verifies(collector, data, tmp_path)
@@ -281,7 +293,9 @@ async def test_long_outage_replays_a_large_backlog_in_order(
     site.append(20_000, checkpoint_every=1000)
     await asyncio.sleep(0.3)
     assert site.broker.acked == -1
-    assert site.broker.backlog_entries > 19_000 and site.broker.backlog_bytes > 2_000_000
+    assert (
+        site.broker.backlog_entries > 19_000 and site.broker.backlog_bytes > 2_000_000
+    )
     broker.restart()
     assert await site.finish(60)
     assert_complete_and_verifies(collector, site.data, tmp_path)
@@ -296,7 +310,9 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> TestPki:
     return TestPki(tmp_path_factory.mktemp("pki"))
 
 
-async def test_tls_with_client_certificate_delivers(tmp_path: Path, pki: TestPki) -> None:
+async def test_tls_with_client_certificate_delivers(
+    tmp_path: Path, pki: TestPki
+) -> None:
     broker = Mosquitto(
         tmp_path / "broker", tls=BrokerTls(pki.ca, pki.server_cert, pki.server_key)
     )
@@ -385,9 +401,10 @@ async def test_plain_url_to_a_tls_port_and_missing_client_key_fail_clearly(
 async def test_username_and_password_file(tmp_path: Path) -> None:
     broker = Mosquitto(tmp_path / "broker")
     passwords = tmp_path / "broker" / "passwd"
-    subprocess.run(
-        ["mosquitto_passwd", "-b", "-c", str(passwords), "gw", "s3cret"], check=True
+    passwd = await asyncio.create_subprocess_exec(
+        "mosquitto_passwd", "-b", "-c", str(passwords), "gw", "s3cret"
     )
+    assert await passwd.wait() == 0
     config_extra = f"allow_anonymous false\npassword_file {passwords}\n"
     original = broker._config
 
@@ -405,7 +422,8 @@ async def test_username_and_password_file(tmp_path: Path) -> None:
         right = tmp_path / "right.pass"
         right.write_text("s3cret\n")
         bad = Site(
-            tmp_path / "bad", [mqtt_config(broker.url, username="gw", password_file=wrong)]
+            tmp_path / "bad",
+            [mqtt_config(broker.url, username="gw", password_file=wrong)],
         )
         bad.append(5)
         await until(lambda: bad.broker.last_error is not None, 10, "auth error")
@@ -413,7 +431,8 @@ async def test_username_and_password_file(tmp_path: Path) -> None:
         assert "s3cret" not in (bad.broker.last_error or "")
         assert not await bad.finish(0.5)
         good = Site(
-            tmp_path / "good", [mqtt_config(broker.url, username="gw", password_file=right)]
+            tmp_path / "good",
+            [mqtt_config(broker.url, username="gw", password_file=right)],
         )
         good.append(5)
         assert await good.finish(10)

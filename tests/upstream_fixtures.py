@@ -64,8 +64,10 @@ def reading(
 
 def grid_import_kwh(boundary: int) -> Decimal:
     """The grid meter's import register at boundary ``k`` (kWh, rises each time)."""
-    return Decimal("18723.400") + Decimal("1.250") * boundary + Decimal("0.011") * (
-        boundary % 3
+    return (
+        Decimal("18723.400")
+        + Decimal("1.250") * boundary
+        + Decimal("0.011") * (boundary % 3)
     )
 
 
@@ -97,7 +99,11 @@ def write_site_log(
         )
         log.append_reading(
             reading(
-                clock, "grid", "1-0:2.8.0*255", f"{Decimal(k) / 100}", "kWh",
+                clock,
+                "grid",
+                "1-0:2.8.0*255",
+                f"{Decimal(k) / 100}",
+                "kWh",
                 cumulative=True,
             )
         )
@@ -107,7 +113,11 @@ def write_site_log(
         )
         log.append_reading(
             reading(
-                clock, "pv", "1-0:2.8.0*255", str(5_000_000 + 1234 * k), "Wh",
+                clock,
+                "pv",
+                "1-0:2.8.0*255",
+                str(5_000_000 + 1234 * k),
+                "Wh",
                 cumulative=True,
             )
         )

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, cast
 
+from ies_agent.dlms_config import DLMS_DEVICE_KEYS, DlmsDeviceSettings
 from ies_agent.ocpp.config import OcppConfig, read_ocpp
 from ies_agent.upstream.settings import (
     StorageConfig,
@@ -58,11 +59,21 @@ if TYPE_CHECKING:
 ConfigProblem = SourceProblem
 """One problem: ``file``, ``line`` (None if unknown), ``key`` path and ``message``."""
 
-BusKind = Literal["tcp", "rtu", "rtu-over-tcp"]
+BusKind = Literal[
+    "tcp", "rtu", "rtu-over-tcp", "dlms-hdlc", "dlms-hdlc-tcp", "dlms-wrapper"
+]
 KeyAlgorithm = Literal["ecdsa-p256", "ed25519"]
 Parity = Literal["N", "E", "O"]
 
-BUS_KINDS: tuple[BusKind, ...] = ("tcp", "rtu", "rtu-over-tcp")
+BUS_KINDS: tuple[BusKind, ...] = (
+    "tcp",
+    "rtu",
+    "rtu-over-tcp",
+    "dlms-hdlc",
+    "dlms-hdlc-tcp",
+    "dlms-wrapper",
+)
+MODBUS_KINDS = ("tcp", "rtu", "rtu-over-tcp")
 KEY_ALGORITHMS: tuple[KeyAlgorithm, ...] = ("ecdsa-p256", "ed25519")
 INTERVALS_S = (900, 1800, 3600)
 """Interval lengths a production site may use: 15, 30 and 60 minutes."""
@@ -102,6 +113,9 @@ _BUS_KEYS: dict[str, set[str]] = {
     "rtu-over-tcp": _COMMON_BUS_KEYS | {"host", "port", "baudrate"},
     "rtu": _COMMON_BUS_KEYS
     | {"serial_port", "baudrate", "parity", "stopbits", "bytesize"},
+    "dlms-hdlc": _COMMON_BUS_KEYS | {"serial_port", "baudrate", "mode_e"},
+    "dlms-hdlc-tcp": _COMMON_BUS_KEYS | {"host", "port"},
+    "dlms-wrapper": _COMMON_BUS_KEYS | {"host", "port"},
 }
 _ALL_BUS_KEYS = set().union(*_BUS_KEYS.values())
 _DEVICE_KEYS = {
@@ -113,7 +127,7 @@ _DEVICE_KEYS = {
     "timeout_s",
     "sunspec_base",
     "enabled",
-}
+} | DLMS_DEVICE_KEYS
 
 
 class ConfigError(Exception):
@@ -168,20 +182,30 @@ class BusConfig:
     gap_ms: float | None = None
     timeout_s: float = 1.0
     backoff_max_s: float = 60.0
+    mode_e: bool = False
+    """DLMS on an optical probe: open with the IEC 62056-21 mode E handshake."""
 
     @property
     def label(self) -> str:
         """Where the bus is: ``host:port`` or the serial device path."""
-        return self.serial_port if self.kind == "rtu" else f"{self.host}:{self.port}"
+        serial = self.kind in ("rtu", "dlms-hdlc")
+        return self.serial_port if serial else f"{self.host}:{self.port}"
+
+    @property
+    def protocol(self) -> str:
+        """``modbus`` or ``dlms``: which driver owns this bus."""
+        return "dlms" if self.kind.startswith("dlms") else "modbus"
 
     def to_bus_spec(self) -> BusSpec:
         """Return the driver's :class:`~ies_drivers.modbus.bus.BusSpec` for this bus.
 
         Imported here, not at module level, so loading a config does not load the
-        Modbus stack.
+        Modbus stack. Raises ``ValueError`` for a DLMS bus.
         """
         from ies_drivers.modbus.bus import BusSpec
 
+        if self.kind not in ("tcp", "rtu", "rtu-over-tcp"):
+            raise ValueError(f"bus {self.id} is a {self.kind} bus, not Modbus")
         return BusSpec(
             name=self.id,
             kind=self.kind,
@@ -221,6 +245,8 @@ class DeviceConfig:
     sunspec_models: tuple[int, ...] = ()
     sunspec_bases: tuple[int, ...] = SUNSPEC_BASE_ADDRESSES
     template_path: Path | None = None
+    dlms: DlmsDeviceSettings | None = None
+    """Set for DLMS/COSEM meters (``dlms-*`` buses); ``template`` is then empty."""
 
 
 @dataclass(frozen=True)
@@ -420,7 +446,11 @@ class _SiteReader:
         try:
             zoneinfo.ZoneInfo(name)
         except (zoneinfo.ZoneInfoNotFoundError, ValueError):
-            hint = did_you_mean(name, zoneinfo.available_timezones())
+            abbreviations = {"IST": "Asia/Kolkata", "UTC": "UTC", "GMT": "UTC"}
+            if name.upper() in abbreviations:
+                hint = f" (did you mean '{abbreviations[name.upper()]}'?)"
+            else:
+                hint = did_you_mean(name, zoneinfo.available_timezones())
             self.check.add(
                 at,
                 f"unknown time zone {name!r}{hint}; expected an IANA name such as "
@@ -448,10 +478,15 @@ class _SiteReader:
             if seconds <= DEMO_INTERVAL_MAX_S
             else ""
         )
+        written = table["interval"]
+        shown = (
+            f"{written!r} ({seconds} s)" if isinstance(written, str) else f"{seconds} s"
+        )
+        if isinstance(written, int) and written in (15, 30, 60):
+            extra += f'; a bare number is seconds: write "{written}m" for minutes'
         self.check.add(
             at,
-            f'an interval of {seconds} s is not allowed: use "15m", "30m" or '
-            f'"60m"{extra}',
+            f'an interval of {shown} is not allowed: use "15m", "30m" or "60m"{extra}',
         )
         return None
 
@@ -509,7 +544,8 @@ class _SiteReader:
                 kinds = [k for k, keys in _BUS_KEYS.items() if key in keys]
                 check.add(
                     (*at, key),
-                    f"{key} applies to {' and '.join(kinds)} buses only "
+                    f"{key} applies to {', '.join(kinds[:-1])}"
+                    f"{' and ' if len(kinds) > 1 else ''}{kinds[-1]} buses only "
                     f"(this bus is {kind})",
                 )
 
@@ -517,12 +553,16 @@ class _SiteReader:
         host = "127.0.0.1"
         port = 502
         serial_port = ""
-        if kind in ("tcp", "rtu-over-tcp"):
+        if kind in ("tcp", "rtu-over-tcp", "dlms-hdlc-tcp", "dlms-wrapper"):
             host = self.where(table, (*at, "host"), f'a {kind} bus needs host = "..."')
+            default_port = 4059 if kind == "dlms-wrapper" else 502
             port = (
-                check.integer(table, (*at, "port"), default=502, low=1, high=65535) or 0
+                check.integer(
+                    table, (*at, "port"), default=default_port, low=1, high=65535
+                )
+                or 0
             )
-        elif kind == "rtu":
+        elif kind in ("rtu", "dlms-hdlc"):
             serial_port = self.where(
                 table,
                 (*at, "serial_port"),
@@ -549,6 +589,7 @@ class _SiteReader:
         backoff_max_s = check.number(
             table, (*at, "backoff_max_s"), default=60.0, low=2, high=3600
         )
+        mode_e = check.boolean(table, (*at, "mode_e"), default=False)
 
         if (
             bus_id is None
@@ -559,6 +600,7 @@ class _SiteReader:
             or bytesize is None
             or timeout_s is None
             or backoff_max_s is None
+            or mode_e is None
             or ("gap_ms" in table and gap_ms is None)
         ):
             return None
@@ -575,6 +617,7 @@ class _SiteReader:
             gap_ms=gap_ms,
             timeout_s=timeout_s,
             backoff_max_s=backoff_max_s,
+            mode_e=mode_e,
         )
 
     def where(self, table: Mapping[str, Any], at: KeyPath, needed: str) -> str:
@@ -660,6 +703,10 @@ class _SiteReader:
                 f"no bus '{bus_id}'{did_you_mean(bus_id, declared_buses)} "
                 f"(buses: {known})",
             )
+        if bus is not None and bus.protocol == "dlms":
+            return self.read_dlms_device(table, at, bus, device_id)
+        for key in sorted(DLMS_DEVICE_KEYS & set(table)):
+            check.add((*at, key), f"{key} applies to DLMS meters (dlms-* buses) only")
         tcp = bus is not None and bus.kind == "tcp"
         unit = check.integer(
             table,
@@ -717,6 +764,112 @@ class _SiteReader:
             sunspec_bases=template_file.sunspec_bases,
             template_path=template_file.path,
         )
+
+    def read_dlms_device(
+        self,
+        table: dict[str, Any],
+        at: KeyPath,
+        bus: BusConfig,
+        device_id: str | None,
+    ) -> DeviceConfig | None:
+        """Read a DLMS meter entry: profile, addresses, association, secret files."""
+        from ies_agent.dlms_config import (
+            AUTHENTICATIONS,
+            DEFAULT_CLIENT_SAP,
+            Authentication,
+        )
+        from ies_drivers.dlms.errors import DlmsError
+        from ies_drivers.dlms.profiles import load_profile
+
+        check = self.check
+        for key in ("unit", "sunspec_base"):
+            if key in table:
+                check.add(
+                    (*at, key),
+                    f"{key} applies to Modbus devices; a DLMS meter is addressed by "
+                    "server_logical and server_physical",
+                )
+        name = check.string(table, (*at, "template"), required=True)
+        if name is not None:
+            self.template_users.setdefault(name, []).append(int(at[1]))
+            try:
+                load_profile(name)
+            except DlmsError as exc:
+                check.add(
+                    (*at, "template"),
+                    f"no usable DLMS meter profile '{name}' (configs/dlms/): {exc}",
+                )
+                name = None
+        auth = check.choice(table, (*at, "auth"), AUTHENTICATIONS, default="none")
+        client_sap = check.integer(
+            table,
+            (*at, "client_sap"),
+            default=DEFAULT_CLIENT_SAP.get(auth or "none", 16),
+            low=1,
+            high=127,
+        )
+        logical = check.integer(
+            table, (*at, "server_logical"), default=1, low=0, high=0x3FFF
+        )
+        physical = check.integer(
+            table, (*at, "server_physical"), default=0, low=0, high=0x3FFF
+        )
+        password_file = self.secret_path(table, (*at, "password_file"))
+        keys_file = self.secret_path(table, (*at, "keys_file"))
+        if auth == "low" and "password_file" not in table:
+            check.add(
+                (*at, "password_file"),
+                'auth = "low" needs password_file = "..." (the LLS password)',
+            )
+        if auth == "high-gmac" and "keys_file" not in table:
+            check.add(
+                (*at, "keys_file"),
+                'auth = "high-gmac" needs keys_file = "..." (block cipher key, '
+                "authentication key, system title)",
+            )
+        poll_s = check.number(table, (*at, "poll_s"), default=10.0, low=0.1, high=86400)
+        timeout_s = check.number(
+            table, (*at, "timeout_s"), low=0, high=60, low_exclusive=True
+        )
+        enabled = check.boolean(table, (*at, "enabled"), default=True)
+        if (
+            device_id is None
+            or name is None
+            or auth is None
+            or client_sap is None
+            or logical is None
+            or physical is None
+            or poll_s is None
+            or enabled is None
+            or ("timeout_s" in table and timeout_s is None)
+        ):
+            return None
+        return DeviceConfig(
+            id=device_id,
+            bus=bus.id,
+            unit=physical,
+            template=DeviceTemplate(
+                id=name, manufacturer="", model="", kind="meter", points=()
+            ),
+            template_name=name,
+            poll_s=poll_s,
+            timeout_s=timeout_s,
+            enabled=enabled,
+            dlms=DlmsDeviceSettings(
+                profile=name,
+                auth=cast(Authentication, auth),
+                client_sap=client_sap,
+                server_logical=logical,
+                server_physical=physical,
+                password_file=password_file,
+                keys_file=keys_file,
+            ),
+        )
+
+    def secret_path(self, table: Mapping[str, Any], at: KeyPath) -> Path | None:
+        """Return the path of a secret file (relative to the site file)."""
+        text = self.check.string(table, at)
+        return None if text is None else self.resolve(text)
 
     def template(
         self, name: str | None, at: KeyPath, template_dirs: Sequence[Path]

@@ -290,7 +290,7 @@ class DlmsDevice:
                 Reading(
                     source=self.id,
                     quantity=prefix + cell.name,
-                    obis=str(cell.column.obis),
+                    obis=cell.column.obis.full,
                     value=cell.value,
                     unit=cell.unit,
                     state=state,

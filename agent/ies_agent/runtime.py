@@ -20,7 +20,7 @@ from ies_agent.clock import Clock, SystemClock
 from ies_agent.state import AgentState
 
 if TYPE_CHECKING:
-    from ies_agent.config import Site
+    from ies_agent.config import BusConfig, DeviceConfig, Site
     from ies_agent.devices import SiteDevice
     from ies_agent.evidence.log import EvidenceLog
     from ies_agent.ocpp.server import CentralSystem
@@ -48,16 +48,31 @@ def config_hash(path: Path) -> str:
 
 
 def build_devices(site: Site) -> tuple[dict[str, ModbusBus], list[SiteDevice]]:
-    """Create one bus owner per configured bus and the devices on them."""
-    from ies_agent.devices import ModbusDevice
-    from ies_drivers.modbus.bus import ModbusBus
+    """Create one bus owner per Modbus bus and every enabled device.
 
-    buses = {bus_id: ModbusBus(cfg.to_bus_spec()) for bus_id, cfg in site.buses.items()}
+    DLMS meters own their link themselves (one association per meter). Each
+    protocol's code is imported only when the site has a device that speaks it.
+    Raises :class:`~ies_agent.dlms_config.DlmsSecretError` when a meter's password or
+    key file is missing or readable by others.
+    """
     devices: list[SiteDevice] = []
-    for dev in site.devices.values():
-        if not dev.enabled:
-            continue
+    buses: dict[str, ModbusBus] = {}
+    enabled = [dev for dev in site.devices.values() if dev.enabled]
+    if any(site.buses[dev.bus].protocol == "modbus" for dev in enabled):
+        from ies_drivers.modbus.bus import ModbusBus
+
+        buses = {
+            bus_id: ModbusBus(cfg.to_bus_spec())
+            for bus_id, cfg in site.buses.items()
+            if cfg.protocol == "modbus"
+        }
+    for dev in enabled:
         bus_cfg = site.buses[dev.bus]
+        if dev.dlms is not None:
+            devices.append(_dlms_device(dev, bus_cfg))
+            continue
+        from ies_agent.devices import ModbusDevice
+
         bases = (dev.sunspec_base,) if dev.sunspec_base is not None else None
         devices.append(
             ModbusDevice(
@@ -73,6 +88,32 @@ def build_devices(site: Site) -> tuple[dict[str, ModbusBus], list[SiteDevice]]:
             )
         )
     return buses, devices
+
+
+def _dlms_device(dev: DeviceConfig, bus: BusConfig) -> SiteDevice:
+    """Build the DLMS meter of device entry ``dev`` on ``bus``."""
+    from ies_agent.dlms_config import client_settings, link_settings
+    from ies_agent.dlms_device import DlmsDevice
+
+    assert dev.dlms is not None
+    link = link_settings(
+        bus.kind,
+        dev.dlms,
+        host=bus.host,
+        port=bus.port,
+        serial_port=bus.serial_port,
+        baudrate=bus.baudrate,
+        mode_e=bus.mode_e,
+        timeout_s=dev.timeout_s or bus.timeout_s,
+    )
+    return DlmsDevice(
+        dev.id,
+        link,
+        client_settings(dev.dlms),
+        profile=dev.dlms.profile,
+        poll_s=dev.poll_s,
+        backoff_max_s=bus.backoff_max_s,
+    )
 
 
 async def run_site(
@@ -180,11 +221,15 @@ async def run_site(
         for bus in buses.values():
             with contextlib.suppress(Exception):
                 await bus.close()
-        entries = evidence.size
+        for device in devices:
+            close = getattr(device, "close", None)
+            if close is not None:
+                with contextlib.suppress(Exception):
+                    await close()
         try:
             evidence.close()
         finally:
             await upstreams.finish(upstream_wait_s)
     return RunResult(
-        data_dir, entries + 2, scheduler.intervals_done, evidence.last_checkpoint
+        data_dir, evidence.size, scheduler.intervals_done, evidence.last_checkpoint
     )

@@ -83,6 +83,8 @@ class Scheduler:
         self.interval_s = interval_s
         self.tz = tz
         self.intervals_done = 0
+        self._opened: set[str] = set()
+        self._open_locks: dict[str, asyncio.Lock] = {}
         self._outage: dict[str, str] = {}
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -93,8 +95,6 @@ class Scheduler:
             self.watchdog.expect("intervals", READ_GRACE_S)
         async with asyncio.TaskGroup() as group:
             for device in self.devices:
-                group.create_task(self._open_device(device), name=f"open:{device.id}")
-            for device in self.devices:
                 group.create_task(
                     self._live_loop(device, stop), name=f"poll:{device.id}"
                 )
@@ -102,17 +102,56 @@ class Scheduler:
 
     # -- device identity -------------------------------------------------------------
 
-    async def _open_device(self, device: SiteDevice) -> None:
-        """Identify the device once and record it as a ``source`` event."""
-        ds = self.state.device(device.id)
-        ds.kind, ds.protocol = device.kind, device.protocol
-        try:
-            identity = await device.open()
-        except DriverError as exc:
-            self._record_fault(device.id, exc, during="identify")
+    async def _open_device(
+        self, device: SiteDevice, slot_ms: int | None = None
+    ) -> bool:
+        """Identify the device once; record it as a ``source`` event; catch up.
+
+        Called before every read until it succeeds, so a device that is offline when
+        the agent starts is identified when it first answers. A device that keeps
+        its own interval profile (a DLMS meter) is then asked for the intervals it
+        recorded since its last reading in the log; those come in as ``L`` (late).
+        """
+        if device.id in self._opened:
+            return True
+        lock = self._open_locks.setdefault(device.id, asyncio.Lock())
+        async with lock:
+            if device.id in self._opened:
+                return True
+            ds = self.state.device(device.id)
+            ds.kind, ds.protocol = device.kind, device.protocol
+            try:
+                identity = await device.open()
+            except DriverError as exc:
+                self._record_fault(device.id, exc, slot_ms=slot_ms, during="identify")
+                return False
+            ds.identity = identity
+            self.evidence.append_event("source", {"dev": identity}, src=device.id)
+            self._opened.add(device.id)
+            await self._catch_up(device)
+            return True
+
+    async def _catch_up(self, device: SiteDevice) -> None:
+        """Log what the device recorded while the agent was away, marked late."""
+        catch_up = getattr(device, "catch_up", None)
+        last_reading_ms = getattr(self.evidence, "last_reading_ms", None)
+        if catch_up is None or last_reading_ms is None:
             return
-        ds.identity = identity
-        self.evidence.append_event("source", {"dev": identity}, src=device.id)
+        since_ms = last_reading_ms(device.id)
+        if since_ms is None:
+            return
+        try:
+            readings: list[Reading] = await catch_up(since_ms, self.clock)
+        except DriverError as exc:
+            self._record_fault(device.id, exc, during="catch_up")
+            return
+        for reading in readings:
+            self.evidence.append_reading(reading)
+        if readings:
+            log.info(
+                "caught up from the device's own profile",
+                extra={"kv": {"device": device.id, "readings": len(readings)}},
+            )
 
     # -- live values -----------------------------------------------------------------
 
@@ -161,6 +200,8 @@ class Scheduler:
         self, device: SiteDevice, *, live: bool, slot_ms: int | None = None
     ) -> list[Reading]:
         """Read ``device`` once; on failure count it and, for a slot, log it."""
+        if not await self._open_device(device, slot_ms):
+            return []
         ds = self.state.device(device.id)
         started = time.monotonic()
         try:
@@ -202,7 +243,7 @@ class Scheduler:
                 "device does not answer",
                 extra={"kv": {"device": device_id, "error": kind, "detail": str(exc)}},
             )
-        if slot_ms is not None or during != "read":
+        if slot_ms is not None or during == "catch_up":
             fields: dict[str, object] = {"error": kind, "msg": str(exc)[:300]}
             if slot_ms is not None:
                 fields["slot"] = _iso(slot_ms)

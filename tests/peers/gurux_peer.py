@@ -24,9 +24,16 @@ import socket
 import threading
 import time
 from datetime import datetime, timedelta, timezone
+from types import SimpleNamespace
 from typing import Any
 
-from gurux_dlms import GXByteBuffer, GXDateTime, GXReplyData, GXServerReply
+from gurux_dlms import (
+    GXByteBuffer,
+    GXDateTime,
+    GXHdlcSettings,
+    GXReplyData,
+    GXServerReply,
+)
 from gurux_dlms.enums import (
     AccessMode,
     Authentication,
@@ -66,6 +73,14 @@ def _patch_server_reply() -> None:
 
 _patch_server_reply()
 
+if not hasattr(GXHdlcSettings, "update"):
+    # ... and its SNRM handler calls GXHdlcSettings.update(), which is missing too.
+    def _update(self: Any, other: Any) -> None:
+        for name in ("maxInfoTX", "maxInfoRX", "windowSizeTX", "windowSizeRX"):
+            setattr(self, name, getattr(other, name))
+
+    GXHdlcSettings.update = _update
+
 
 class _Line:
     """Blocking bytes over a socket or a serial file descriptor, with a deadline."""
@@ -87,10 +102,7 @@ class _Line:
         ready, _, _ = select.select([handle], [], [], timeout_s)
         if not ready:
             raise TimeoutError("peer sent nothing in time")
-        if self.sock is not None:
-            data = self.sock.recv(4096)
-        else:
-            data = os.read(self.fd, 4096)
+        data = self.sock.recv(4096) if self.sock is not None else os.read(self.fd, 4096)
         if not data:
             raise ConnectionError("peer closed the line")
         return data
@@ -112,13 +124,16 @@ class GuruxClient:
         timeout_s: float = 3.0,
     ) -> None:
         interface = InterfaceType.HDLC if hdlc else InterfaceType.WRAPPER
-        server = GXDLMSSecureClient.getServerAddress(1, server_physical, 4) if hdlc else 1
+        server = (
+            GXDLMSSecureClient.getServerAddress(1, server_physical, 4) if hdlc else 1
+        )
         self.client = GXDLMSSecureClient(
             True, client_sap, server, authentication, password, interface
         )
         self.client.ciphering.security = security
         self.client.ciphering.systemTitle = b"GURUXCLI"
         self.client.standard = Standard.INDIA
+        self.client.useUtc2NormalTime = True  # what Gurux's reader does for India
         self.line = line
         self.timeout_s = timeout_s
 
@@ -202,7 +217,7 @@ class GuruxClient:
                 self._packet(disc, reply)
 
 
-# --- a Gurux meter -----------------------------------------------------------------------
+# --- a Gurux meter ------------------------------------------------------------------
 
 
 class _GuruxServer(GXDLMSSecureServer):  # type: ignore[misc]
@@ -215,22 +230,37 @@ class _GuruxServer(GXDLMSSecureServer):  # type: ignore[misc]
         self.association = association
         self.password = password
         self.settings.standard = Standard.INDIA
+        self.settings.useUtc2NormalTime = True  # what Gurux does for India
+        if interface == InterfaceType.HDLC:
+            # gurux-dlms 1.0.203 answers SNRM from ``self.hdlc`` and reads both
+            # the setup object's and the settings' attribute names from it.
+            self.hdlc = SimpleNamespace(
+                maxInfoTX=128,
+                maxInfoRX=128,
+                windowSizeTX=1,
+                windowSizeRX=1,
+                maximumInfoLengthReceive=128,
+                maximumInfoLengthTransmit=128,
+                windowSizeReceive=1,
+                windowSizeTransmit=1,
+                inactivityTimeout=0,
+            )
 
-    def isTarget(self, server_address: int, client_address: int) -> bool:  # noqa: N802
+    def isTarget(self, server_address: int, client_address: int) -> bool:
         return True
 
-    def onValidateAuthentication(self, authentication: int, password: bytes) -> int:  # noqa: N802
+    def onValidateAuthentication(self, authentication: int, password: bytes) -> int:
         if authentication == Authentication.LOW and bytes(password) != self.password:
             return SourceDiagnostic.AUTHENTICATION_FAILURE
         return SourceDiagnostic.NONE
 
-    def onGetAttributeAccess(self, arg: Any) -> int:  # noqa: N802
+    def onGetAttributeAccess(self, arg: Any) -> int:
         return AccessMode.READ_WRITE
 
-    def onGetMethodAccess(self, arg: Any) -> int:  # noqa: N802
+    def onGetMethodAccess(self, arg: Any) -> int:
         return MethodAccessMode.ACCESS
 
-    def onFindObject(self, object_type: int, sn: int, ln: str) -> None:  # noqa: N802
+    def onFindObject(self, object_type: int, sn: int, ln: str) -> None:
         return None
 
     def _nothing(self, *args: Any) -> None:
@@ -238,21 +268,21 @@ class _GuruxServer(GXDLMSSecureServer):  # type: ignore[misc]
 
     # gurux-dlms 1.0.203's command handlers call these server methods, which its
     # GXDLMSServer does not define; they only pass state through.
-    def notifyRead(self, *args: Any) -> None:  # noqa: N802
+    def notifyRead(self, *args: Any) -> None:
         return None
 
-    def notifyConnected(self, info: Any) -> None:  # noqa: N802
+    def notifyConnected(self, info: Any) -> None:
         self.onConnected(info)
 
-    def getTransaction(self) -> Any:  # noqa: N802
+    def getTransaction(self) -> Any:
         return self.transaction
 
-    def setTransaction(self, value: Any) -> None:  # noqa: N802
+    def setTransaction(self, value: Any) -> None:
         self.transaction = value
 
-    onPreGet = onPostGet = onPreRead = onPostRead = _nothing  # noqa: N815
-    onPreWrite = onPostWrite = onPreAction = onPostAction = _nothing  # noqa: N815
-    onConnected = onInvalidConnection = onDisconnected = _nothing  # noqa: N815
+    onPreGet = onPostGet = onPreRead = onPostRead = _nothing
+    onPreWrite = onPostWrite = onPreAction = onPostAction = _nothing
+    onConnected = onInvalidConnection = onDisconnected = _nothing
 
 
 class GuruxMeter:
@@ -347,7 +377,9 @@ class GuruxMeter:
                 with conn:
                     self._serve(_Line(sock=conn))
 
-        self._thread = threading.Thread(target=accept_loop, name="gurux-meter", daemon=True)
+        self._thread = threading.Thread(
+            target=accept_loop, name="gurux-meter", daemon=True
+        )
         self._thread.start()
         return self.port
 

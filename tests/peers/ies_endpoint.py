@@ -25,6 +25,7 @@ import re
 import ssl
 import time
 from decimal import Decimal
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -116,13 +117,17 @@ def meterdata_problems(
                 )
         # Readings with opening/closing values.
         for reading in profile.get("readings", []):
-            if "openingValue" in reading and "closingValue" in reading:
-                if reading["closingValue"] - reading["openingValue"] != reading["value"]:
-                    problems.append(f"{where}: closing - opening != value")
+            opening, closing = reading.get("openingValue"), reading.get("closingValue")
+            if (
+                opening is not None
+                and closing is not None
+                and closing - opening != reading["value"]
+            ):
+                problems.append(f"{where}: closing - opening != value")
         # Interval rows.
         intervals = profile.get("intervals", [])
         ids = [row["id"] for row in intervals]
-        if any(b <= a for a, b in zip(ids, ids[1:], strict=False)):
+        if any(b <= a for a, b in pairwise(ids)):
             problems.append(f"{where}: interval ids do not increase")
         if sequence is None:
             continue
@@ -139,18 +144,17 @@ def meterdata_problems(
                 c = values.get((reading_type, "closingValue"))
                 v = values.get((reading_type, "value"))
                 if o is not None and c is not None and v is not None and c - o != v:
-                    problems.append(f"{where} row {row['id']}: closing - opening != value")
+                    problems.append(
+                        f"{where} row {row['id']}: closing - opening != value"
+                    )
         for (reading_type, attribute), column in columns.items():
             descriptor = descriptors.get(reading_type, {})
             code = codes.get(descriptor.get("obis", ""), {})
-            cumulative = (
-                attribute in ("openingValue", "closingValue")
-                or (
-                    descriptor.get("reportedMode") == "READING"
-                    and code.get("accumulationBehaviour") == "CUMULATIVE"
-                )
+            cumulative = attribute in ("openingValue", "closingValue") or (
+                descriptor.get("reportedMode") == "READING"
+                and code.get("accumulationBehaviour") == "CUMULATIVE"
             )
-            if cumulative and any(b < a for a, b in zip(column, column[1:], strict=False)):
+            if cumulative and any(b < a for a, b in pairwise(column)):
                 problems.append(f"{where}: cumulative {reading_type!r} decreases")
     return problems
 
@@ -186,6 +190,7 @@ class IesEndpoint:
         self._validator = load_schema_validator()
         self._codes = load_codes()
         self._runner: Any = None
+        self._stopping = asyncio.Event()
         self.port = 0
 
     async def start(self) -> str:
@@ -193,8 +198,8 @@ class IesEndpoint:
         from aiohttp import web
 
         app = web.Application(client_max_size=64 * 1024 * 1024)
-        app.router.add_post("/{action}", self._handle)
-        self._runner = web.AppRunner(app, access_log=None)
+        app.router.add_post("/beckn/{action}", self._handle)
+        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
         await self._runner.setup()
         context = None
         if self.cert is not None:
@@ -211,6 +216,7 @@ class IesEndpoint:
 
     async def stop(self) -> None:
         """Stop listening and close connections."""
+        self._stopping.set()
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
@@ -235,7 +241,10 @@ class IesEndpoint:
             signature = base64.b64decode(params["signature"])
         except (KeyError, ValueError):
             return "malformed Signature header"
-        if algorithm != "ed25519" or params.get("headers") != "(created) (expires) digest":
+        if (
+            algorithm != "ed25519"
+            or params.get("headers") != "(created) (expires) digest"
+        ):
             return "unexpected algorithm or headers"
         now = time.time()
         if created > now + self.max_skew_s or expires < now - self.max_skew_s:
@@ -263,7 +272,7 @@ class IesEndpoint:
         self.actions.append(request.match_info["action"])
         mode = self.mode
         if mode == "silent":
-            await asyncio.sleep(3600)
+            await self._stopping.wait()
         if mode == "slow":
             await asyncio.sleep(self.slow_s)
         if mode == "401":

@@ -215,7 +215,9 @@ class TestPki:
             "foreign", other_key, other_ca, now, now + dt.timedelta(days=2), server=True
         )
 
-    def _cert(self, name, key, signer_key, issuer, start, *, ca, end=None, server=False):  # type: ignore[no-untyped-def]
+    def _cert(
+        self, name, key, signer_key, issuer, start, *, ca, end=None, server=False
+    ):  # type: ignore[no-untyped-def]
         from cryptography import x509
         from cryptography.hazmat.primitives import hashes
         from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
@@ -229,7 +231,9 @@ class TestPki:
             .serial_number(x509.random_serial_number())
             .not_valid_before(start - dt.timedelta(minutes=5))
             .not_valid_after(end or start + dt.timedelta(days=30))
-            .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+            .add_extension(
+                x509.BasicConstraints(ca=ca, path_length=None), critical=True
+            )
         )
         if ca:
             builder = builder.add_extension(
@@ -248,7 +252,9 @@ class TestPki:
             )
         else:
             usage = (
-                ExtendedKeyUsageOID.SERVER_AUTH if server else ExtendedKeyUsageOID.CLIENT_AUTH
+                ExtendedKeyUsageOID.SERVER_AUTH
+                if server
+                else ExtendedKeyUsageOID.CLIENT_AUTH
             )
             builder = builder.add_extension(
                 x509.ExtendedKeyUsage([usage]), critical=False
@@ -407,7 +413,9 @@ class Collector:
                 b"".join(self.entries[seq] + b"\n" for seq in range(count))
             )
             lines = [
-                json.dumps({"note": note, "size": size}, sort_keys=True, separators=(",", ":"))
+                json.dumps(
+                    {"note": note, "size": size}, sort_keys=True, separators=(",", ":")
+                )
                 for size, note in sorted(self.checkpoints.items())
             ]
         (directory / "checkpoints.jsonl").write_text("".join(x + "\n" for x in lines))

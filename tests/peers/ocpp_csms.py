@@ -241,10 +241,12 @@ def _station_class(proto: str) -> type:
             @on("StartTransaction")
             async def start_tx(self, id_tag: str, **_: Any) -> Any:
                 if self.call_during_start:
-                    await self.call(
-                        call16.GetConfiguration(key=["MeterValueSampleInterval"]),
-                        suppress=False,
-                    )
+                    # A charger that is gone (a replay) cannot answer: carry on.
+                    with contextlib.suppress(Exception):
+                        await self.call(
+                            call16.GetConfiguration(key=["MeterValueSampleInterval"]),
+                            suppress=False,
+                        )
                 return r16.StartTransaction(
                     transaction_id=self.recorder.tx_id(),
                     id_tag_info={"status": "Accepted"},
@@ -289,18 +291,19 @@ def _station_class(proto: str) -> type:
         @on("TransactionEvent")
         async def transaction_event(self, event_type: str, **kwargs: Any) -> Any:
             if self.call_during_start and event_type == "Started":
-                await self.call(
-                    call201.GetVariables(
-                        get_variable_data=[
-                            {
-                                "component": {"name": "SampledDataCtrlr"},
-                                "variable": {"name": "TxUpdatedInterval"},
-                            }
-                        ]
-                    ),
-                    suppress=False,
-                    skip_schema_validation=True,
-                )
+                with contextlib.suppress(Exception):
+                    await self.call(
+                        call201.GetVariables(
+                            get_variable_data=[
+                                {
+                                    "component": {"name": "SampledDataCtrlr"},
+                                    "variable": {"name": "TxUpdatedInterval"},
+                                }
+                            ]
+                        ),
+                        suppress=False,
+                        skip_schema_validation=True,
+                    )
             if kwargs.get("id_token"):
                 return results.TransactionEvent(id_token_info={"status": "Accepted"})
             return results.TransactionEvent()

@@ -17,6 +17,7 @@ def main(args: argparse.Namespace) -> int:
     import asyncio
     import dataclasses
     import json
+    import logging
 
     from ies_agent.clock import SystemClock
     from ies_agent.config import ConfigError, load_site
@@ -24,6 +25,8 @@ def main(args: argparse.Namespace) -> int:
     from ies_drivers.errors import DriverError
     from ies_drivers.reading import Reading
 
+    # One shot: the error printed below says it all; no separate outage log line.
+    logging.getLogger("ies_drivers").setLevel(logging.ERROR)
     try:
         site = load_site(args.config, allow_short_interval=True)
     except ConfigError as exc:
@@ -32,7 +35,7 @@ def main(args: argparse.Namespace) -> int:
     if args.device not in site.devices:
         known = ", ".join(site.devices) or "none"
         print(f"{args.config}: no device {args.device!r} (devices: {known})")
-        return 1
+        return 2
     one = {args.device: site.devices[args.device]}
     buses, devices = build_devices(dataclasses.replace(site, devices=one))
     device = devices[0]

@@ -27,6 +27,28 @@ def parse_units(text: str) -> list[int]:
     return units
 
 
+def parse_host_port(text: str, default_port: int = 502) -> tuple[str, int]:
+    """Parse ``host``, ``host:port``, ``[v6]`` or ``[v6]:port``; raise ValueError."""
+    if text.startswith("["):
+        host, _, rest = text[1:].partition("]")
+        port = rest[1:] if rest.startswith(":") else ""
+        if rest and not rest.startswith(":"):
+            raise ValueError(f"{text!r} is not [ADDRESS]:PORT")
+    elif text.count(":") == 1:
+        host, _, port = text.partition(":")
+    else:
+        host, port = text, ""  # a bare name or IPv6 address
+    if not host:
+        raise ValueError(f"{text!r} names no host: write HOST:PORT, e.g. 10.0.0.5:502")
+    try:
+        number = int(port) if port else default_port
+    except ValueError:
+        raise ValueError(f"{text!r}: port {port!r} is not a number") from None
+    if not 1 <= number <= 65535:
+        raise ValueError(f"{text!r}: port {number} is outside 1-65535")
+    return host, number
+
+
 def configure(parser: argparse.ArgumentParser) -> None:
     """Add the ``scan`` arguments."""
     where = parser.add_mutually_exclusive_group(required=True)
@@ -83,11 +105,10 @@ def main(args: argparse.Namespace) -> int:
         )
     else:
         target = args.tcp or args.rtu_over_tcp
-        host, _, port = target.rpartition(":") if ":" in target else (target, "", "502")
         try:
-            port_number = int(port)
-        except ValueError:
-            print(f"ies-agent scan: {target!r} is not HOST:PORT")
+            host, port_number = parse_host_port(target)
+        except ValueError as exc:
+            print(f"ies-agent scan: {exc}")
             return 2
         if args.tcp:
             spec = BusSpec(name="scan", kind="tcp", host=host, port=port_number)
@@ -136,6 +157,12 @@ def main(args: argparse.Namespace) -> int:
     for unit, models in found:
         sunspec = f"SunSpec models {models}" if models else "no SunSpec marker"
         print(f"unit {unit}: answers; {sunspec}")
+    if len(found) == len(units) > 1:
+        print(
+            "warning: every unit id asked answered. Some devices and gateways answer "
+            "for any id; check the proposed entries by reading a register you know "
+            "(ies-agent read) before adding them all."
+        )
     print("\nProposed entries for the site file:")
     for unit, models in found:
         kind = "meter" if any(200 <= m < 300 for m in models) else "inverter"

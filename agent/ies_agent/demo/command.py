@@ -50,6 +50,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
         help="also post the evidence as IES MeterData to this Beckn endpoint",
     )
     parser.add_argument(
+        "--csms",
+        metavar="URL",
+        help="bridge the simulated chargers to this OCPP CSMS (ws:// or wss:// base "
+        "address; each charger's id is appended, each offers its own version)",
+    )
+    parser.add_argument(
         "--upstream-wait",
         type=float,
         default=30.0,
@@ -59,19 +65,40 @@ def configure(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _check_arguments(args: argparse.Namespace) -> str | None:
+    """Return what is wrong with the demo's arguments, or ``None``."""
+    import math
+
+    interval = args.interval
+    if interval <= 0:
+        return f"--interval {interval}: an interval is a positive number of seconds"
+    if not (interval <= 60 and 86_400 % interval == 0) and interval not in (
+        900,
+        1800,
+        3600,
+    ):
+        return (
+            f"--interval {interval}: use 1-60 s that divide a day evenly "
+            "(e.g. 5, 10, 30) or 900, 1800, 3600 (15, 30, 60 minutes, as on a site)"
+        )
+    if args.duration is not None and not (
+        math.isfinite(args.duration) and args.duration > 0
+    ):
+        return "--for takes a positive, finite number of seconds"
+    if not str(args.data_dir).strip():
+        return "--data-dir must name a directory"
+    return None
+
+
 def main(args: argparse.Namespace) -> int:
     """Run the demo site; return 0 after a clean stop."""
     import asyncio
 
     from ies_agent.demo.site import DemoError, run_demo
 
-    if args.interval <= 0 or 86_400 % args.interval:
-        print(
-            f"ies-agent demo: --interval {args.interval} must divide a day (5, 10, 60…)"
-        )
-        return 2
-    if args.duration is not None and args.duration <= 0:
-        print("ies-agent demo: --for takes a positive number of seconds")
+    problem = _check_arguments(args)
+    if problem:
+        print(f"ies-agent demo: {problem}")
         return 2
     data_dir = Path(args.data_dir).resolve()
     try:
@@ -88,6 +115,7 @@ def main(args: argparse.Namespace) -> int:
                 mqtt_url=args.mqtt,
                 ies_endpoint=args.ies_endpoint,
                 upstream_wait_s=args.upstream_wait,
+                csms_url=args.csms,
             )
         )
     except DemoError as exc:

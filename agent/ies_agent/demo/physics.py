@@ -137,6 +137,9 @@ def meter_quantities(
         "21.7": phase_w,
         "41.7": phase_w,
         "61.7": phase_w,
+        "36.7": phase_w,
+        "56.7": phase_w,
+        "76.7": phase_w,
         "16.7": power_w,
         "1.7": max(power_w, 0.0),
         "2.7": max(-power_w, 0.0),
@@ -150,5 +153,8 @@ def meter_quantities(
         "1.8": import_wh,
         "2.8": export_wh,
         "15.8": import_wh + export_wh,
+        "3.8": import_wh * 0.29,
+        "4.8": export_wh * 0.08,
+        "9.8": (import_wh + export_wh) * 1.04,
     }
     return {k: Decimal(f"{v:.3f}") for k, v in values.items()}

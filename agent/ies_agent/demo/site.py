@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import signal
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -49,6 +50,8 @@ class DemoPorts:
     inverter: int
     serial_port: str | None
     rtu_over_tcp: int | None
+    dlms_meter: int = 0
+    """TCP wrapper port of the simulated IS 15959 smart meter."""
 
 
 @asynccontextmanager
@@ -73,6 +76,8 @@ async def simulators(data_dir: Path, stop: asyncio.Event) -> AsyncIterator[DemoP
 
     servers: list[Any] = []
     line: SerialLine | None = None
+    dlms: Any = None
+    _write_secret(sim_dir / "meter-password", b"ABCDEFGH")  # the simulator's LLS secret
     try:
         grid_server = ModbusTcpServer(sim_device(1, grid), address=("127.0.0.1", 0))
         inverter_server = ModbusTcpServer(
@@ -95,11 +100,19 @@ async def simulators(data_dir: Path, stop: asyncio.Event) -> AsyncIterator[DemoP
             )
         for server in servers:
             await server.serve_forever(background=True)
+
+        # An Indian smart meter: our IS 15959 meter server on the DLMS TCP wrapper,
+        # read with low-level security (a password, as a meter reader would).
+        from ies_drivers.dlms.server import MeterServer, SimulatedMeter
+
+        dlms = MeterServer(SimulatedMeter(serial="IES0000417"))
+        dlms_port = await dlms.start_tcp("127.0.0.1", 0)
         ports = DemoPorts(
             grid_meter=_port(grid_server),
             inverter=_port(inverter_server),
             serial_port=line.agent_port if line else None,
             rtu_over_tcp=None if line else _port(servers[2]),
+            dlms_meter=dlms_port,
         )
         async with asyncio.TaskGroup() as group:
             group.create_task(heartbeat.run(stop), name="demo:heartbeat")
@@ -111,8 +124,41 @@ async def simulators(data_dir: Path, stop: asyncio.Event) -> AsyncIterator[DemoP
         for server in servers:
             with contextlib.suppress(Exception):
                 await server.shutdown()
+        if dlms is not None:
+            with contextlib.suppress(Exception):
+                await dlms.close()
         if line is not None:
             line.close()
+
+
+def _lock_holder(data_dir: Path) -> str | None:
+    """Describe the process holding ``data_dir``'s evidence lock, or ``None``."""
+    import fcntl
+
+    from ies_agent.evidence.log import LOCK_FILE
+
+    path = data_dir / LOCK_FILE
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        pid = path.read_text().strip() or "?"
+        return f"pid {pid}"
+    finally:
+        os.close(fd)  # closing releases a lock we took
+    return None
+
+
+def _write_secret(path: Path, secret: bytes) -> None:
+    """Write ``secret`` to ``path`` readable by its owner only (mode 0600)."""
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(secret)
 
 
 def _port(server: Any) -> int:
@@ -222,6 +268,21 @@ bus = "rs485"
 unit = 6
 template = "eastron-sdm630"
 poll_s = 3
+
+[[buses]]
+id = "dlms-lan"
+kind = "dlms-wrapper"
+host = "127.0.0.1"
+port = {ports.dlms_meter}
+timeout_s = 3.0
+
+[[devices]]
+id = "smart-meter"
+bus = "dlms-lan"
+template = "is15959"
+auth = "low"
+password_file = "simulator/meter-password"
+poll_s = 5
 """
 
 
@@ -233,38 +294,81 @@ async def run_demo(
     mqtt_url: str | None = None,
     ies_endpoint: str | None = None,
     upstream_wait_s: float = 30.0,
+    csms_url: str | None = None,
 ) -> int:
     """Run the demo site for ``duration_s`` seconds (None: until a signal).
+
+    Two simulated OCPP chargers (1.6J and 2.0.1) charge through the agent's central
+    system, bridged to ``csms_url`` when given. At the end their open sessions are
+    ended and delivered (bounded) before the agent stops.
 
     ``mqtt_url`` / ``ies_endpoint`` add upstreams; when the run ends the agent waits
     up to ``upstream_wait_s`` seconds for them to take what is left.
     """
     from ies_agent.config import ConfigError, load_site
     from ies_agent.evidence.errors import EvidenceError
+    from ies_agent.ocpp.server import OcppSetupError
+    from ies_agent.ocpp.simulator import DemoChargers, demo_ocpp_table
     from ies_agent.runtime import run_site
 
     stop = asyncio.Event()
+    # --for or a signal ends the chargers' sessions first, then stops the agent.
+    finish = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, finish.set)
     if duration_s is not None:
-        loop.call_later(duration_s, stop.set)
+        loop.call_later(duration_s, finish.set)
+    ocpp_port = _free_port()
+    chargers = DemoChargers(ocpp_port)
 
+    async def wind_down() -> None:
+        await finish.wait()
+        await chargers.finish()
+        stop.set()
+
+    # Another agent on this directory? Say so before touching anything in it.
+    holder = _lock_holder(data_dir)
+    if holder is not None:
+        raise DemoError(
+            f"{data_dir} is in use by another agent ({holder}); stop it first or "
+            "give this demo its own --data-dir"
+        )
+    failure: str | None = None
     async with simulators(data_dir, stop) as ports:
         site_path = data_dir / "site.toml"
         text = site_file(data_dir, ports, interval_s)
+        text += demo_ocpp_table(ocpp_port, csms_url)
         site_path.write_text(text + upstream_tables(mqtt_url, ies_endpoint))
         try:
             site = load_site(site_path)
         except ConfigError as exc:
             raise DemoError(f"the generated site file is invalid:\n{exc}") from None
         _banner(data_dir, ports, interval_s, duration_s)
+        print(
+            f"  chargers     OCPP on ws://127.0.0.1:{ocpp_port}/ocpp/<id>: "
+            + ", ".join(
+                f"{c.charger_id} ({c.version.subprotocol})" for c in chargers.chargers
+            )
+            + (f"; bridged to {csms_url}" if csms_url else ""),
+            flush=True,
+        )
+        chargers.start()
+        ending = asyncio.create_task(wind_down(), name="demo:wind-down")
         try:
             result = await run_site(
                 site, stop, data_dir=data_dir, upstream_wait_s=upstream_wait_s
             )
-        except EvidenceError as exc:
-            raise DemoError(str(exc)) from None
+        except (EvidenceError, OcppSetupError) as exc:
+            failure = str(exc)
+        finally:
+            finish.set()
+            await ending
+        if failure is None:
+            print("\nchargers:\n" + chargers.summary())
+    if failure is not None:
+        # Raised here, outside the simulators' task group, so it reads as a message.
+        raise DemoError(failure)
 
     print(
         f"\ndemo stopped: {result.entries} evidence entries in {data_dir}, "
@@ -277,6 +381,16 @@ async def run_demo(
         f"  ies-agent demo --data-dir {data_dir}       # continue this site's log"
     )
     return 0
+
+
+def _free_port() -> int:
+    """A loopback TCP port that was free a moment ago (for the OCPP listener)."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
 
 
 def _banner(

@@ -62,6 +62,7 @@ stored), ``EvidenceError`` (the file could not be written).
 from __future__ import annotations
 
 import base64
+import calendar
 import contextlib
 import fcntl
 import hashlib
@@ -128,6 +129,19 @@ def format_time(t_ms: int) -> str:
     """Return UTC milliseconds ``t_ms`` as ``YYYY-MM-DDTHH:MM:SS.mmmZ``."""
     seconds, millis = divmod(t_ms, 1000)
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + f".{millis:03d}Z"
+
+
+def parse_time_ms(text: str) -> int | None:
+    """Return ``YYYY-MM-DDTHH:MM:SS.mmmZ`` (the form ``format_time`` writes) as UTC
+    milliseconds, or ``None`` for any other text."""
+    try:
+        moment = time.strptime(text[:19], "%Y-%m-%dT%H:%M:%S")
+        millis = int(text[20:23]) if text[19:20] == "." and text[23:] == "Z" else -1
+    except ValueError:
+        return None
+    if millis < 0:
+        return None
+    return calendar.timegm(moment) * 1000 + millis
 
 
 @dataclass
@@ -437,6 +451,31 @@ class EvidenceLog:
         if self._listeners:
             self._notify("checkpoint", size)
         return note
+
+    def last_reading_ms(self, source: str, *, max_bytes: int = 32 << 20) -> int | None:
+        """Return the gateway time (UTC ms) of ``source``'s latest reading, if any.
+
+        Reads the log backwards from its end (at most ``max_bytes``), so it is cheap
+        for a source that was read recently. Used to ask a meter for the intervals
+        it recorded while the agent was not running.
+        """
+        needle = b'"src":' + json.dumps(source).encode()
+        path = self.data_dir / LOG_FILE
+        with open(path, "rb") as handle:
+            end = handle.seek(0, os.SEEK_END)
+            tail = b""
+            while end > 0 and path.stat().st_size - end < max_bytes:
+                start = max(0, end - (1 << 16))
+                handle.seek(start)
+                chunk = handle.read(end - start) + tail
+                lines = chunk.split(b"\n")
+                tail = lines[0] if start > 0 else b""
+                for line in reversed(lines[1:] if start > 0 else lines):
+                    if needle in line and b'"type":"reading"' in line:
+                        stamp = json.loads(line).get("t")
+                        return parse_time_ms(stamp) if isinstance(stamp, str) else None
+                end = start
+        return None
 
     def sync(self) -> int:
         """fsync the log; return the highest durable ``seq`` (-1 if none).

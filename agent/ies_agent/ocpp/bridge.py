@@ -153,6 +153,7 @@ class UpstreamLink:
         self.conn: RpcConnection | None = None
         self._ready = False
         self._wake = asyncio.Event()
+        self._stopped = asyncio.Event()
         self._waiters: dict[int, _Waiter] = {}
         self._task: asyncio.Task[None] | None = None
         self._reader: asyncio.Task[None] | None = None
@@ -165,6 +166,7 @@ class UpstreamLink:
         """Start the link's task (idempotent)."""
         if self._task is None or self._task.done():
             self._stopping = False
+            self._stopped.clear()
             self._task = asyncio.create_task(
                 self._run(), name=f"ocpp:{self.hub.charger_id}:upstream"
             )
@@ -176,6 +178,7 @@ class UpstreamLink:
     async def stop(self) -> None:
         """Close the connection and end the task."""
         self._stopping = True
+        self._stopped.set()
         self._wake.set()
         if self.conn is not None:
             await self.conn.close()
@@ -249,6 +252,8 @@ class UpstreamLink:
     async def _run(self) -> None:
         backoff = BACKOFF_FIRST_S
         while not self._stopping:
+            # Clear before looking, so news that comes while we act is not lost.
+            self._wake.clear()
             version = self._wanted_version()
             if version is None:
                 await self._disconnect("nothing to carry")
@@ -264,7 +269,7 @@ class UpstreamLink:
                     await self._connect(version)
                 except (OSError, InvalidHandshake, InvalidURI, TimeoutError) as exc:
                     self._outage(f"cannot connect to {self.url}: {_why(exc)}")
-                    await self._sleep_until_woken(backoff * random.uniform(0.8, 1.2))
+                    await self._pause(backoff * random.uniform(0.8, 1.2))
                     backoff = min(backoff * 2, self.reconnect_max_s)
                     continue
             try:
@@ -274,7 +279,7 @@ class UpstreamLink:
             except OcppLinkError as exc:
                 self._outage(f"{self.url}: {exc}")
                 await self._disconnect("")
-                await self._sleep_until_woken(backoff * random.uniform(0.8, 1.2))
+                await self._pause(backoff * random.uniform(0.8, 1.2))
                 backoff = min(backoff * 2, self.reconnect_max_s)
             except JournalError as exc:
                 log.error(
@@ -283,7 +288,7 @@ class UpstreamLink:
                     exc,
                 )
                 self.stats.last_error = str(exc)
-                await self._sleep_until_woken(self.reconnect_max_s)
+                await self._pause(self.reconnect_max_s)
         await self._disconnect("")
 
     def _wanted_version(self) -> OcppVersion | None:
@@ -395,6 +400,7 @@ class UpstreamLink:
                 raise LinkClosed("connection closed")
             if not self._ready:
                 return
+            self._wake.clear()
             entry = self.hub.peek()
             if entry is None:
                 if self.hub.live_version() is not version:
@@ -455,7 +461,8 @@ class UpstreamLink:
     async def _sleep_until_woken(
         self, timeout_s: float | None, conn: RpcConnection | None = None
     ) -> None:
-        self._wake.clear()
+        """Wait for :meth:`wake` (set since the caller last cleared it), the
+        connection to close, or ``timeout_s``."""
         waits: list[Awaitable[Any]] = [self._wake.wait()]
         if conn is not None:
             waits.append(conn.wait_closed())
@@ -467,6 +474,11 @@ class UpstreamLink:
         finally:
             for task in tasks:
                 task.cancel()
+
+    async def _pause(self, seconds: float) -> None:
+        """Back off for ``seconds`` (news does not cut it short; stopping does)."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stopped.wait(), seconds)
 
     def _set_ready(self, ready: bool) -> None:
         self._ready = ready

@@ -58,6 +58,10 @@ log = logging.getLogger(__name__)
 
 MAX_CONCURRENT_CALLS = 4
 """Incoming CALLs handled at once per connection; OCPP peers send one at a time."""
+MAX_QUEUED_CALLS = 16
+"""Incoming CALLs waiting or running per connection; beyond it the connection stops
+reading until one is answered (TCP back-pressure), so a peer that floods cannot make
+the agent's memory grow, and nothing it sent is refused for being early."""
 
 
 class OcppLinkError(Exception):
@@ -136,6 +140,7 @@ class RpcConnection:
         self._tasks: set[asyncio.Task[None]] = set()
         self._closed = asyncio.Event()
         self._warned: set[str] = set()
+        self._task_done = asyncio.Event()
         self.frames_in = 0
         self.frames_out = 0
         self.warnings = 0
@@ -156,6 +161,9 @@ class RpcConnection:
         """
         try:
             while True:
+                while len(self._tasks) >= MAX_QUEUED_CALLS:
+                    self._task_done.clear()
+                    await self._task_done.wait()
                 try:
                     text = await self.websocket.recv()
                 except ConnectionClosed:
@@ -291,7 +299,16 @@ class RpcConnection:
         task = asyncio.ensure_future(work)
         task.set_name(f"ocpp:{self.name}:{label}")
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(self._task_finished)
+
+    def _task_finished(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        self._task_done.set()
+
+    def warn(self, text: str) -> None:
+        """Report a deviation of the peer (logged, counted, passed to
+        ``on_warning``)."""
+        self._warn(text)
 
     def _warn(self, text: str) -> None:
         """Log a deviation: each kind once per connection at WARNING, then DEBUG."""

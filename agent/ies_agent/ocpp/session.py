@@ -565,7 +565,7 @@ class ChargerSession:
             log.warning("%s: refused %s: %s", hub.charger_id, call.action, exc)
             raise Reject(exc.code, str(exc)) from None
         for warning in checked.warnings:
-            self.conn._warn(warning)
+            self.conn.warn(warning)
         critical = CRITICAL_16 if self.version.is_16 else CRITICAL_2X
         if call.action in critical:
             return await self._critical(call)

@@ -39,6 +39,10 @@ from websockets.typing import Subprotocol
 from ies_drivers.ocpp.versions import OcppVersion
 
 log = logging.getLogger(__name__)
+_wire = logging.getLogger(__name__ + ".wire")
+"""Every frame the ``ocpp`` package sends or receives, logged at INFO by the package:
+shown only when this logger is set to INFO (the demo would drown in it otherwise)."""
+_wire.setLevel(logging.WARNING)
 
 
 @dataclass(frozen=True)
@@ -509,7 +513,10 @@ class SimulatedCharger:
 
     async def _serve(self, websocket: ClientConnection, booted: bool) -> None:
         station: Any = (_Station16 if self.version.is_16 else _Station201)(
-            self.charger_id, websocket, response_timeout=self.call_timeout_s
+            self.charger_id,
+            websocket,
+            response_timeout=self.call_timeout_s,
+            logger=_wire,
         )
         station.owner = self
         self._cp = station
@@ -605,3 +612,74 @@ async def _wait_any(*events: asyncio.Event, limit_s: float | None = None) -> Non
     finally:
         for task in tasks:
             task.cancel()
+
+
+DEMO_CHARGERS: tuple[tuple[str, OcppVersion], ...] = (
+    ("demo-cp-16", OcppVersion.V16),
+    ("demo-cp-201", OcppVersion.V201),
+)
+"""The demo's chargers: identity and the OCPP version each offers."""
+DEMO_PLAN = SessionPlan(session_s=12.0, pause_s=6.0, meter_interval_s=3.0)
+"""A session begins and ends at least every 30 s."""
+
+
+def demo_ocpp_table(port: int, csms_url: str | None) -> str:
+    """The ``[ocpp]`` tables of the demo's site file (loopback, no auth: a lab)."""
+    text = (
+        "\n# The agent as OCPP central system for the simulated chargers"
+        + (f", bridged to {csms_url}" if csms_url else "")
+        + ".\n[ocpp]\n"
+        'listen_host = "127.0.0.1"\n'
+        f"listen_port = {port}\n"
+        "security_profile = 0\n"
+        'offline_unknown_id_tag = "Accepted"\n'
+        "answer_wait_s = 3\n"
+        "drain_timeout_s = 30\n"
+    )
+    for charger_id, version in DEMO_CHARGERS:
+        text += f'\n[[ocpp.chargers]]\nid = "{charger_id}"\n'
+        text += f'versions = ["{version.value}"]\n'
+    if csms_url:
+        text += f'\n[ocpp.csms]\nurl = "{csms_url}"\n'
+    return text
+
+
+class DemoChargers:
+    """The demo's simulated chargers, connected to the agent on ``port``."""
+
+    def __init__(self, port: int, plan: SessionPlan = DEMO_PLAN) -> None:
+        base = f"ws://127.0.0.1:{port}/ocpp"
+        self.chargers = [
+            SimulatedCharger(charger_id, version, base, plan=plan)
+            for charger_id, version in DEMO_CHARGERS
+        ]
+        self._stop = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+
+    def start(self) -> None:
+        """Start charging (each charger connects as soon as the agent listens)."""
+        for charger in self.chargers:
+            self._tasks.append(
+                asyncio.create_task(
+                    charger.run(self._stop), name=f"demo:charger:{charger.charger_id}"
+                )
+            )
+
+    async def finish(self) -> None:
+        """End the sessions in progress and wait (bounded) until the agent has them."""
+        self._stop.set()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    def summary(self) -> str:
+        """One line per charger: sessions completed, messages not delivered."""
+        lines = []
+        for charger in self.chargers:
+            line = (
+                f"  {charger.charger_id:<12} {charger.version.subprotocol:<10} "
+                f"{charger.sessions} session(s)"
+            )
+            if charger.pending:
+                line += f", {charger.pending} message(s) not delivered"
+            lines.append(line)
+        return "\n".join(lines)

@@ -85,7 +85,8 @@ class Batch:
     """
 
     first: int
-    lines: list[bytes]
+    block: bytes
+    count: int
     start: int
     end: int
     cp_start: int
@@ -95,7 +96,12 @@ class Batch:
     @property
     def last(self) -> int:
         """``seq`` of the last entry (``first - 1`` when the batch has none)."""
-        return self.first + len(self.lines) - 1
+        return self.first + self.count - 1
+
+    @property
+    def lines(self) -> list[bytes]:
+        """The entry lines, without newlines (``block`` holds them as on disk)."""
+        return self.block.split(b"\n")[:-1]
 
     @property
     def size_bytes(self) -> int:
@@ -433,11 +439,12 @@ class Connector:
             self.reader.checkpoints_covering(reach),
             self._send_cp + MAX_CHECKPOINTS_PER_BATCH,
         )
-        if not chunk.lines and cp_stop <= self._send_cp:
+        if not chunk.count and cp_stop <= self._send_cp:
             return None
         batch = Batch(
             first=chunk.first,
-            lines=chunk.lines,
+            block=chunk.block,
+            count=chunk.count,
             start=chunk.start,
             end=chunk.end,
             cp_start=self._send_cp,

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from ies_agent.upstream.delivery import Batch, Connector
 from ies_agent.upstream.errors import LinkError
-from ies_agent.upstream.payload import PayloadError, decode_batch, encode_batch
+from ies_agent.upstream.payload import PayloadError, decode_batch, encode_block
 from ies_agent.upstream.settings import UpstreamConfig
 
 KEY_CARD = Path("keys") / "key-card.json"
@@ -87,11 +87,12 @@ class FileSession:
         transport = self.transport
         connector = transport.connector
         assert connector is not None
-        payload = encode_batch(
+        payload = encode_block(
             gw=connector.gateway_id,
             origin=connector.origin,
             first=batch.first,
-            lines=batch.lines,
+            block=batch.block,
+            count=batch.count,
             checkpoints=batch.checkpoints,
         )
         name = f"batch-{batch.first:012d}-{batch.last:012d}-c{batch.cp_end:06d}.json"

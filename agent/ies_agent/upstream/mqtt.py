@@ -54,7 +54,7 @@ from ies_agent.upstream.errors import (
     TlsError,
     UpstreamError,
 )
-from ies_agent.upstream.payload import PayloadError, decode_confirmation, encode_batch
+from ies_agent.upstream.payload import PayloadError, decode_confirmation, encode_block
 from ies_agent.upstream.settings import UpstreamConfig
 from ies_agent.upstream.tlsconfig import (
     client_context,
@@ -178,9 +178,7 @@ class MqttTransport:
             protocol=aiomqtt.ProtocolVersion.V5 if v5 else aiomqtt.ProtocolVersion.V311,
             will=will,
             clean_session=None if v5 else False,
-            clean_start=False
-            if v5
-            else aiomqtt.client.mqtt.MQTT_CLEAN_START_FIRST_ONLY,
+            clean_start=False if v5 else MQTT_CLEAN_START_FIRST_ONLY,
             properties=properties,
             keepalive=config.keepalive_s,
             timeout=config.timeout_s,
@@ -316,11 +314,12 @@ class MqttSession:
         transport = self.transport
         connector = transport.connector
         assert connector is not None
-        payload = encode_batch(
+        payload = encode_block(
             gw=connector.gateway_id,
             origin=connector.origin,
             first=batch.first,
-            lines=batch.lines,
+            block=batch.block,
+            count=batch.count,
             checkpoints=batch.checkpoints,
         )
         future: asyncio.Future[int] = asyncio.get_running_loop().create_future()

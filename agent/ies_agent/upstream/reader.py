@@ -39,17 +39,27 @@ class LogReadError(UpstreamError):
 
 @dataclass
 class Chunk:
-    """Whole entry lines ``first..last`` read from ``start`` up to ``end`` (bytes)."""
+    """Whole entry lines ``first..last`` read from ``start`` up to ``end`` (bytes).
+
+    ``block`` holds the lines as on disk, each ending in a newline; ``count`` is
+    how many.
+    """
 
     first: int
-    lines: list[bytes]
+    block: bytes
+    count: int
     start: int
     end: int
 
     @property
     def last(self) -> int:
         """``seq`` of the last line (``first - 1`` when empty)."""
-        return self.first + len(self.lines) - 1
+        return self.first + self.count - 1
+
+    @property
+    def lines(self) -> list[bytes]:
+        """The entry lines without their newlines."""
+        return self.block.split(b"\n")[:-1]
 
 
 @dataclass
@@ -72,6 +82,7 @@ class LogReader:
         self._end_seq = 0  # lines known to exist: 0 .. _end_seq - 1
         self._end_offset = 0
         self._cp = _CheckpointIndex()
+        self._line_bytes = 512.0  # running estimate of an entry's length
 
     def close(self) -> None:
         """Close the log file (reopened on the next read)."""
@@ -153,21 +164,32 @@ class LogReader:
         """
         want = min(max_entries, upto - seq + 1)
         if want <= 0:
-            return Chunk(seq, [], offset, offset)
-        data = self._pread(offset, max_bytes)
-        lines = data.split(b"\n")
-        lines.pop()  # the part after the last newline: incomplete or empty
-        if not lines and data:
+            return Chunk(seq, b"", 0, offset, offset)
+        # Read about what ``want`` lines take, not always ``max_bytes``.
+        guess = int(self._line_bytes * want * 1.25) + 4096
+        data = self._pread(offset, min(max_bytes, guess))
+        cut = data.rfind(b"\n") + 1  # whole lines only
+        if cut == 0 and data:
             # One entry longer than max_bytes: read it whole.
             data = self._read_line(offset)
-            lines = [data[:-1]] if data.endswith(b"\n") else []
-        del lines[want:]
-        end = offset + sum(len(line) + 1 for line in lines)
-        chunk = Chunk(seq, lines, offset, end)
-        if lines:
-            self._check_seq(lines[0], seq, offset)
-            if len(lines) > 1:
-                self._check_seq(lines[-1], chunk.last, end - len(lines[-1]) - 1)
+            cut = len(data) if data.endswith(b"\n") else 0
+        block = data[:cut]
+        count = block.count(b"\n")
+        if count > want:
+            pos = -1
+            for _ in range(want):
+                pos = block.index(b"\n", pos + 1)
+            block, count = block[: pos + 1], want
+        end = offset + len(block)
+        if count:
+            self._line_bytes = 0.8 * self._line_bytes + 0.2 * (len(block) / count)
+        chunk = Chunk(seq, block, count, offset, end)
+        if count:
+            first_end = block.index(b"\n")
+            self._check_seq(block[:first_end], seq, offset)
+            if count > 1:
+                last_start = block.rindex(b"\n", 0, len(block) - 1) + 1
+                self._check_seq(block[last_start:-1], chunk.last, offset + last_start)
             self._remember(chunk.last + 1, end)
         return chunk
 
@@ -300,15 +322,6 @@ class LogReader:
             last = data.rfind(b"\n")
             if last < 0:
                 break
-            n = data.count(b"\n", 0, last + 1)
-            if n >= _INDEX_EVERY:
-                # Walk line by line only to keep the index; rare (first scan).
-                start = 0
-                for _ in range(n):
-                    start = data.index(b"\n", start) + 1
-                    seq += 1
-                    self._remember(seq, offset + start)
-            else:
-                seq += n
+            seq += data.count(b"\n", 0, last + 1)
             offset += last + 1
             self._remember(seq, offset)

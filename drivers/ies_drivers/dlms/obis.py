@@ -71,6 +71,11 @@ class Obis:
         """The six groups joined by dots, as head-ends print them."""
         return f"{self.a}.{self.b}.{self.c}.{self.d}.{self.e}.{self.f}"
 
+    @property
+    def full(self) -> str:
+        """``A-B:C.D.E*F`` with every group: how readings name their quantity."""
+        return f"{self.a}-{self.b}:{self.c}.{self.d}.{self.e}*{self.f}"
+
     def __str__(self) -> str:
         base = f"{self.a}-{self.b}:{self.c}.{self.d}.{self.e}"
         return base if self.f == 255 else f"{base}*{self.f}"

@@ -1249,8 +1249,10 @@ async def _main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--mode-e", action="store_true", help="IEC 62056-21 opening")
     parser.add_argument("--baud", type=int, help="pace answers like this line speed")
     parser.add_argument("--max-pdu", type=int, default=1024)
+    parser.add_argument("--history-days", type=int, default=2)
     args = parser.parse_args(argv)
     server = MeterServer(
+        SimulatedMeter(history_days=args.history_days),
         policy=ServerSecurity(keys=demo_keys(), max_pdu=args.max_pdu),
         hdlc_over_tcp=args.hdlc_over_tcp,
         mode_e=args.mode_e,

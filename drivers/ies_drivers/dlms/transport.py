@@ -120,9 +120,12 @@ class _Channel:
         self.buffer = bytearray()
         self.lost: BaseException | None = None
         self._waiter: asyncio.Future[None] | None = None
+        self.bytes_in = 0
+        self.bytes_out = 0
 
     def _received(self, data: bytes) -> None:
         self.buffer += data
+        self.bytes_in += len(data)
         self._wake()
 
     def _broken(self, exc: BaseException) -> None:
@@ -200,6 +203,7 @@ class _TcpChannel(_Channel, asyncio.Protocol):
         if transport is None or transport.is_closing() or self.lost is not None:
             raise DlmsTransportError(f"{self.where}: connection is closed")
         transport.write(data)
+        self.bytes_out += len(data)
 
     def close(self) -> None:
         if self._transport is not None:
@@ -292,6 +296,7 @@ class _SerialChannel(_Channel):
     def write(self, data: bytes) -> None:
         if self._serial is None or self.lost is not None:
             raise DlmsTransportError(f"serial port {self.path} is closed")
+        self.bytes_out += len(data)
         view = memoryview(data)
         deadline = time.monotonic() + 2.0
         while view:
@@ -362,6 +367,12 @@ class DlmsClient:
             ),
             params=hdlc.HdlcParameters(link.max_info, link.max_info),
         )
+
+    @property
+    def line_bytes(self) -> tuple[int, int]:
+        """Bytes sent and received on the current channel (for benchmarks)."""
+        channel = self._channel
+        return (0, 0) if channel is None else (channel.bytes_out, channel.bytes_in)
 
     @property
     def is_open(self) -> bool:

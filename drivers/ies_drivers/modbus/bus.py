@@ -389,16 +389,26 @@ class _SerialLink(_Link):
         import serial  # only buses on a serial line pay for pyserial
 
         del timeout_s  # opening a local port does not wait on the network
-        port = serial.Serial(
-            port=self.spec.serial_port,
-            baudrate=self.spec.baudrate,
-            bytesize=self.spec.bytesize,
-            parity=self.spec.parity,
-            stopbits=self.spec.stopbits,
-            timeout=0,
-            write_timeout=0,
-            exclusive=True,
-        )
+        try:
+            port = serial.Serial(
+                port=self.spec.serial_port,
+                baudrate=self.spec.baudrate,
+                bytesize=self.spec.bytesize,
+                parity=self.spec.parity,
+                stopbits=self.spec.stopbits,
+                timeout=0,
+                write_timeout=0,
+                exclusive=True,
+            )
+        except serial.SerialException as exc:
+            if "exclusively lock" in str(exc):
+                # One owner per line: usually the running agent holds it.
+                raise OSError(
+                    f"{self.spec.serial_port} is in use by another program (a "
+                    "running ies-agent owns its serial lines; stop it to use this "
+                    "line, or look at its live values)"
+                ) from None
+            raise
         self._serial = port
         self._fd = port.fileno()
         os.set_blocking(self._fd, False)
