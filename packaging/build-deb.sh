@@ -81,8 +81,9 @@ build_one() {
     local venv=$stage/usr/lib/$PACKAGE
     local site=$venv/lib/python$TARGET_PY/site-packages
     local cache=$CACHE/$arch
-    # shellcheck disable=SC2046
-    local target_args=(--only-binary=:all: $(platforms "$arch")
+    local platform_args target_args
+    read -ra platform_args <<<"$(platforms "$arch")"
+    target_args=(--only-binary=:all: "${platform_args[@]}"
         --python-version "$TARGET_PY" --implementation cp --abi "cp${TARGET_PY/./}"
         --abi abi3 --abi none)
     mkdir -p "$stage" "$cache"
@@ -100,7 +101,7 @@ build_one() {
         --no-compile --no-warn-script-location "${target_args[@]}" "$AGENT_WHEEL" \
         2>&1 | grep -v "is ignored: it is neither a file nor a directory" || true
     [ -d "$site/ies_agent" ] || { echo "build-deb.sh: pip install failed" >&2; exit 1; }
-    rm -rf "$site/bin"
+    rm -rf "${site:?}/bin"
     find "$site" -name __pycache__ -type d -prune -exec rm -rf {} +
     find "$site" \( -name '*.pyc' -o -name 'RECORD' -o -name 'INSTALLER' \
         -o -name 'REQUESTED' -o -name 'direct_url.json' \) -delete
@@ -251,7 +252,7 @@ strip_objects() {
     arm64) strip_cmd=${STRIP_ARM64:-aarch64-linux-gnu-strip} ;;
     esac
     if [ "$(dpkg --print-architecture)" = "$arch" ] && ! command -v "$strip_cmd" >/dev/null; then
-        strip_cmd=strip
+        strip_cmd="strip"
     fi
     if ! command -v "$strip_cmd" >/dev/null; then
         echo "build-deb.sh: warning: no $strip_cmd; $arch shared objects left unstripped" >&2

@@ -256,7 +256,7 @@ repack 0.1.0-3 broken
 
 in_root ies-agent update apply /tmp/usb/ies-agent-0.1.0-2.json --timeout 60 \
     >"$WORK/update-2.log" 2>&1 || { cat "$WORK/update-2.log"; fail "update to 0.1.0-2"; }
-check "update to 0.1.0-2: $(head -n 1 "$WORK/update-2.log" | cut -c1-80)" \
+check "update to 0.1.0-2: $(grep -m1 "update apply:" "$WORK/update-2.log" | cut -c21-100)" \
     '[ "$(installed_version)" = 0.1.0-2 ]'
 
 cp "$ROOT/tmp/usb/ies-agent_0.1.0-3_amd64.deb" "$ROOT/tmp/usb/good.deb"

@@ -238,7 +238,8 @@ BROKEN = [
         GATEWAY + TCP_BUS + "baudrate = 9600\n",
         8,
         "buses[0].baudrate",
-        "baudrate applies to rtu-over-tcp, rtu and dlms-hdlc buses only (this bus is tcp)",
+        "baudrate applies to rtu-over-tcp, rtu and dlms-hdlc buses only "
+        "(this bus is tcp)",
         id="serial-key-on-tcp-bus",
     ),
     pytest.param(

@@ -263,7 +263,9 @@ async def test_read_gives_instantaneous_values_with_the_raw_apdu(
         "energy_export",
         "clock_deviation",
     }
-    assert by_name["voltage"].unit == "V" and by_name["voltage"].obis == "1-0:12.7.0*255"
+    assert (
+        by_name["voltage"].unit == "V" and by_name["voltage"].obis == "1-0:12.7.0*255"
+    )
     assert by_name["frequency"].value == "50.0"
     assert by_name["power_factor"].value == "0.95"
     assert by_name["energy_import"].cumulative

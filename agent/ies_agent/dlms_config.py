@@ -37,7 +37,7 @@ DLMS_DEVICE_KEYS = {
 
 
 class DlmsSecretError(Exception):
-    """Raised when a password or key file is missing, malformed or readable by others."""
+    """Raised when a password or key file is missing, malformed or not private."""
 
 
 @dataclass(frozen=True)

@@ -10,8 +10,9 @@ Files in ``<data_dir>/ocpp/<charger id>/``:
   or a power cut.
 - ``cursor.json``: ``{"n", "offset"}``, the next entry the CSMS has not confirmed and
   its byte offset. Replay reads from there in order, from disk, so an outage of any
-  length costs disk, never memory. When everything is delivered the journal is cut
-  back to zero bytes, so its size is bounded by the longest outage.
+  length costs disk, never memory. When everything is delivered and the journal has
+  grown past 256 KiB it is cut back to zero bytes, so its size is bounded by the
+  longest outage.
 - ``state.json``: small and bounded: the local transaction ids given while the CSMS
   was away and the CSMS ids they map to, the authorisation cache, the last
   BootNotification per version, the open transactions. Replaced atomically.
@@ -48,6 +49,8 @@ AUTH_CACHE_MAX = 1000
 TX_MAP_MAX = 256
 """Local → CSMS transaction id pairs kept per charger (oldest dropped first)."""
 READ_CHUNK = 65536
+COMPACT_BYTES = 256 * 1024
+"""The journal is cut back to zero once everything is delivered and it is this big."""
 
 
 class JournalError(Exception):
@@ -207,9 +210,12 @@ class ChargerStore:
         offset = self._size
         self._size += len(line)
         self._next_n = n + 1
-        return JournalEntry(
+        entry = JournalEntry(
             n, t_ms, version, action, unique_id, payload, offset, offset + len(line)
         )
+        if n == self._cursor_n:
+            self._peeked = entry  # the next to deliver: no need to read it back
+        return entry
 
     def peek(self) -> JournalEntry | None:
         """Return the oldest entry the CSMS has not confirmed, read from disk."""
@@ -240,7 +246,7 @@ class ChargerStore:
         self._cursor_n = entry.n + 1
         self._cursor_offset = entry.end
         self._peeked = None
-        if self._cursor_n == self._next_n and self._size > 0:
+        if self._cursor_n == self._next_n and self._size >= COMPACT_BYTES:
             try:
                 os.ftruncate(self._fd, 0)
             except OSError as exc:
