@@ -89,6 +89,7 @@ files=$WORK/pi-gen-files
 mkdir -p "$files"
 cp "$DEB" "$files/"
 stage=$REPO/packaging/pi-gen/stage-ies-agent
+# shellcheck disable=SC2120  # pi-gen's on_chroot takes arguments too; ours reads stdin
 on_chroot() { chroot "$ROOT" /usr/bin/env -i HOME=/root LANG=C.UTF-8 \
     PATH=/usr/sbin:/usr/bin:/sbin:/bin bash -e "$@"; }
 copy_previous() { fail "prerun.sh asked for copy_previous although the root exists"; }
@@ -226,6 +227,7 @@ in_root systemctl start ies-agent.service
 for _ in $(seq 1 50); do [ -f "$ROOT/run/ies-agent/health.json" ] && break; sleep 0.2; done
 check "agent running, health: $(cat "$ROOT/run/ies-agent/health.json")" \
     '[ -f "$ROOT/run/ies-agent/health.json" ]'
+# shellcheck disable=SC2034  # before and after are compared inside check's eval
 before=$(cd "$ROOT" && sha256sum etc/ies-agent/ies-agent.toml etc/ies-agent/secrets/broker \
     var/lib/ies-agent/keys/log-key.pem)
 
@@ -256,7 +258,7 @@ repack 0.1.0-3 broken
 
 in_root ies-agent update apply /tmp/usb/ies-agent-0.1.0-2.json --timeout 60 \
     >"$WORK/update-2.log" 2>&1 || { cat "$WORK/update-2.log"; fail "update to 0.1.0-2"; }
-check "update to 0.1.0-2: $(grep -m1 "update apply:" "$WORK/update-2.log" | cut -c21-100)" \
+check "update to 0.1.0-2: $(grep -m1 "update apply:" "$WORK/update-2.log" | cut -c25-100)" \
     '[ "$(installed_version)" = 0.1.0-2 ]'
 
 cp "$ROOT/tmp/usb/ies-agent_0.1.0-3_amd64.deb" "$ROOT/tmp/usb/good.deb"
@@ -290,6 +292,7 @@ esac
 in_root ies-agent verify /var/lib/ies-agent --key /boot/firmware/ies-agent-key-card.json \
     >"$WORK/verify-gw.log" 2>&1 || { cat "$WORK/verify-gw.log"; fail "verify the gateway's log"; }
 ok "gateway log verifies against the boot partition's key card: $(tail -n 1 "$WORK/verify-gw.log" | cut -c1-60)"
+# shellcheck disable=SC2034
 after=$(cd "$ROOT" && sha256sum etc/ies-agent/ies-agent.toml etc/ies-agent/secrets/broker \
     var/lib/ies-agent/keys/log-key.pem)
 check "upgrades and rollback kept config, secret and key unchanged" \

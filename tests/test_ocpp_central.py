@@ -502,3 +502,40 @@ async def test_a_charger_that_does_not_wait_for_answers_gets_every_one(
         answers = [await charger.answer() for _ in range(60)]
     assert sorted(a[1] for a in answers) == sorted(f"h{i}" for i in range(60))
     assert all(a[0] == 3 for a in answers)
+
+
+async def test_an_ocpp_21_charger_boots_and_runs_a_transaction(tmp_path: Path) -> None:
+    event = {
+        "eventType": "Started",
+        "timestamp": "2026-01-01T00:00:00Z",
+        "triggerReason": "Authorized",
+        "seqNo": 0,
+        "transactionInfo": {"transactionId": "tx-21"},
+        "evse": {"id": 1},
+        "idToken": {"idToken": "TAG21", "type": "ISO14443"},
+        "meterValue": [
+            {
+                "timestamp": "2026-01-01T00:00:00Z",
+                "sampledValue": [{"value": 1500}],
+            }
+        ],
+    }
+    boot = {"chargingStation": {"model": "M", "vendorName": "V"}, "reason": "PowerUp"}
+    async with (
+        running_central(
+            ocpp_config({"cp21": (OcppVersion.V21,)}), tmp_path / "d"
+        ) as run,
+        RawCharger.connect(run.url, "cp21", OcppVersion.V21) as charger,
+    ):
+        assert charger.subprotocol == "ocpp2.1"
+        answer = await charger.call(json.dumps([2, "1", "BootNotification", boot]))
+        assert answer[2]["status"] == "Accepted"
+        answer = await charger.call(json.dumps([2, "2", "TransactionEvent", event]))
+        assert answer[:2] == [3, "2"]
+        event.update(eventType="Ended", seqNo=1, triggerReason="StopAuthorized")
+        event["meterValue"][0]["sampledValue"][0]["value"] = 2750
+        assert (await charger.call(json.dumps([2, "3", "TransactionEvent", event])))[
+            0
+        ] == 3
+        receipt = run.events("session_receipt")[0]
+    assert receipt["version"] == "2.1" and receipt["energy_wh"] == "1250"

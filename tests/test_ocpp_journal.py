@@ -131,3 +131,20 @@ def test_receipts_unmatched_stops_and_superseded_sessions(tmp_path: Path) -> Non
     backwards = book.stop("tx", timestamp=None, meter_stop_wh="5", reason=None)
     assert "energy_wh" not in backwards.fields
     assert "meter_decreased" in backwards.fields["flags"]
+
+
+def test_the_dispatch_profile_is_valid_in_every_version() -> None:
+    from datetime import UTC, datetime, timedelta
+
+    from ies_agent.ocpp.session import DispatchLimit, dispatch_profile
+    from ies_drivers.ocpp.validation import Quirks, check_payload
+
+    now = datetime.now(UTC)
+    limit = DispatchLimit(Decimal("7.5"), "A", now + timedelta(minutes=15))
+    for version in OcppVersion:
+        action, payload = dispatch_profile(version, limit, 90, now)
+        # Strict: not even a tolerated deviation in what the agent itself sends.
+        assert (
+            check_payload(version, action, payload, quirks=Quirks.strict()).warnings
+            == ()
+        )

@@ -36,6 +36,11 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "ies_agent.commands.update",
         "apply a signed update of the agent, with rollback",
     ),
+    "status": ("ies_agent.commands.status", "show what the running agent sees"),
+    "web-password": (
+        "ies_agent.web.password_command",
+        "store the web page's password as a hash",
+    ),
 }
 
 

@@ -36,6 +36,7 @@ from ies_agent.upstream.settings import (
     read_storage,
     read_upstreams,
 )
+from ies_agent.web.config import HttpConfig, read_http
 from ies_drivers.modbus.model import DeviceTemplate
 from ies_drivers.templates import (
     SUNSPEC_BASE_ADDRESSES,
@@ -105,6 +106,7 @@ _TOP_KEYS = {
     "upstreams",
     "storage",
     "ocpp",
+    "http",
 }
 _GATEWAY_KEYS = {"id", "timezone", "interval", "data_dir", "key_alg", "origin", "demo"}
 _COMMON_BUS_KEYS = {"id", "kind", "gap_ms", "timeout_s", "backoff_max_s"}
@@ -270,6 +272,8 @@ class Site:
     storage: StorageConfig = field(default_factory=StorageConfig)
     ocpp: OcppConfig | None = None
     """The OCPP central system and CSMS bridge (``ies_agent.ocpp.config``)."""
+    http: HttpConfig | None = None
+    """The local web page (``ies_agent.web.config``); None: no page."""
 
 
 def load_site(
@@ -392,6 +396,7 @@ class _SiteReader:
         upstreams = read_upstreams(check, data, self.resolve)
         storage = read_storage(check, data)
         ocpp = read_ocpp(check, data, self.resolve, taken_ids=devices)
+        http = read_http(check, data, self.resolve)
         if gateway is None:
             return None
         return Site(
@@ -403,6 +408,7 @@ class _SiteReader:
             upstreams=upstreams,
             storage=storage,
             ocpp=ocpp,
+            http=http,
         )
 
     def read_gateway(self, data: dict[str, Any]) -> GatewayConfig | None:

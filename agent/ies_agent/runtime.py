@@ -188,6 +188,10 @@ async def run_site(
         evidence=evidence,
     )
     central: CentralSystem | None = None
+    # The status file for `ies-agent status`, chart history and (with [http]) the page.
+    from ies_agent.web.service import OperatorService
+
+    operator = OperatorService(site, state, evidence, buses, data_dir=data_dir)
     try:
         upstreams.start()
         if site.ocpp is not None:
@@ -204,6 +208,7 @@ async def run_site(
             await central.start()
         for bus in buses.values():
             await bus.start()
+        await operator.start()
         if on_started is not None:
             await on_started(evidence, state)
         await service.started(
@@ -218,6 +223,8 @@ async def run_site(
                 group.create_task(scheduler.run(stop), name="scheduler")
     finally:
         await service.stopping()
+        with contextlib.suppress(Exception):
+            await operator.close()
         for bus in buses.values():
             with contextlib.suppress(Exception):
                 await bus.close()

@@ -746,7 +746,7 @@ class Updater:
         settings = self.settings
         try:
             trust = TrustStore.load(settings.trust_dirs)
-            data, where = _read_source(source, settings.state_dir)
+            data, where = _read_source(source)
             manifest = verify_manifest(data, trust, source=source)
         except ManifestError as exc:
             raise UpdateRejected(str(exc)) from None
@@ -918,7 +918,7 @@ def _is_url(source: str) -> bool:
     return urllib.parse.urlsplit(source).scheme in ("http", "https")
 
 
-def _read_source(source: str, state_dir: Path) -> tuple[bytes, str]:
+def _read_source(source: str) -> tuple[bytes, str]:
     """Return the manifest bytes and the base its package is found relative to."""
     if _is_url(source):
         return _download_bytes(source, 64 * 1024), source

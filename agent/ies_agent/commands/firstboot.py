@@ -63,6 +63,12 @@ def main(args: argparse.Namespace) -> int:
             data_dir=Path(args.data_dir),
             owner=args.owner or None,
         )
+    except OSError as exc:
+        print(
+            f"ies-agent firstboot: cannot write {exc.filename or args.etc_dir}: "
+            f"{exc.strerror} (run it as root, as its unit does)"
+        )
+        return 1
     except firstboot.FirstBootError as exc:
         print(f"ies-agent firstboot: {boot_file} NOT imported:")
         for problem in exc.problems:

@@ -8,6 +8,10 @@ prints ``[[devices]]`` entries to paste into the site file.
 from __future__ import annotations
 
 import argparse
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ies_drivers.modbus.bus import ModbusBus
 
 
 def parse_units(text: str) -> list[int]:
@@ -124,26 +128,14 @@ def main(args: argparse.Namespace) -> int:
         return 2
 
     async def scan() -> list[tuple[int, list[int]]]:
-        from ies_drivers.modbus.scan import scan_units
-        from ies_drivers.sunspec.discovery import SunSpecError, discover
-
-        found: list[tuple[int, list[int]]] = []
         bus = ModbusBus(spec)
         await bus.start()
         try:
-            answering = await scan_units(bus, units, timeout_s=args.timeout)
-            for unit in answering:
-                models: list[int] = []
-                if not args.no_sunspec:
-                    try:
-                        chain = await discover(bus, unit)
-                        models = [m.model_id for m in chain]
-                    except (SunSpecError, DriverError):
-                        models = []
-                found.append((unit, models))
+            return await scan_bus(
+                bus, units, timeout_s=args.timeout, sunspec=not args.no_sunspec
+            )
         finally:
             await bus.close()
-        return found
 
     print(f"scanning {spec.endpoint} for unit ids {args.units or default_units} …")
     try:
@@ -164,11 +156,48 @@ def main(args: argparse.Namespace) -> int:
             "(ies-agent read) before adding them all."
         )
     print("\nProposed entries for the site file:")
+    for entry in proposed_entries(found, args.bus or "<bus id>"):
+        print("\n" + entry)
+    return 0
+
+
+async def scan_bus(
+    bus: ModbusBus,
+    units: list[int],
+    *,
+    timeout_s: float,
+    sunspec: bool = True,
+) -> list[tuple[int, list[int]]]:
+    """Return ``(unit, SunSpec model ids)`` for each of ``units`` that answers.
+
+    ``bus`` is started and stays open (the running agent's own bus owner may be
+    passed, so a scan queues behind its reads). Raises the driver's
+    :class:`~ies_drivers.errors.TransportError` when the bus is unreachable.
+    """
+    from ies_drivers.errors import DriverError
+    from ies_drivers.modbus.scan import scan_units
+    from ies_drivers.sunspec.discovery import SunSpecError, discover
+
+    found: list[tuple[int, list[int]]] = []
+    for unit in await scan_units(bus, units, timeout_s=timeout_s):
+        models: list[int] = []
+        if sunspec:
+            try:
+                models = [m.model_id for m in await discover(bus, unit)]
+            except (SunSpecError, DriverError):
+                models = []
+        found.append((unit, models))
+    return found
+
+
+def proposed_entries(found: list[tuple[int, list[int]]], bus_id: str) -> list[str]:
+    """Return one ``[[devices]]`` table (TOML text) per unit found by a scan."""
+    entries: list[str] = []
     for unit, models in found:
         kind = "meter" if any(200 <= m < 300 for m in models) else "inverter"
         template = f"sunspec-{kind}" if models else "<template: see configs/devices>"
-        print(
-            f'\n[[devices]]\nid = "unit{unit}"\nbus = "{args.bus or "<bus id>"}"\n'
+        entries.append(
+            f'[[devices]]\nid = "unit{unit}"\nbus = "{bus_id}"\n'
             f'unit = {unit}\ntemplate = "{template}"'
         )
-    return 0
+    return entries

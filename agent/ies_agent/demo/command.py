@@ -56,6 +56,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "address; each charger's id is appended, each offers its own version)",
     )
     parser.add_argument(
+        "--http",
+        metavar="HOST:PORT",
+        help="serve the local web page and /metrics here (e.g. 127.0.0.1:8780); "
+        "a one-time token to log in is printed and kept in the data directory",
+    )
+    parser.add_argument(
         "--upstream-wait",
         type=float,
         default=30.0,
@@ -87,6 +93,14 @@ def _check_arguments(args: argparse.Namespace) -> str | None:
         return "--for takes a positive, finite number of seconds"
     if not str(args.data_dir).strip():
         return "--data-dir must name a directory"
+    if getattr(args, "http", None):
+        from ies_agent.web.demo import parse_listen
+        from ies_agent.web.errors import WebSetupError
+
+        try:
+            parse_listen(args.http)
+        except WebSetupError as exc:
+            return str(exc)
     return None
 
 
@@ -116,6 +130,7 @@ def main(args: argparse.Namespace) -> int:
                 ies_endpoint=args.ies_endpoint,
                 upstream_wait_s=args.upstream_wait,
                 csms_url=args.csms,
+                http=args.http,
             )
         )
     except DemoError as exc:

@@ -295,6 +295,7 @@ async def run_demo(
     ies_endpoint: str | None = None,
     upstream_wait_s: float = 30.0,
     csms_url: str | None = None,
+    http: str | None = None,
 ) -> int:
     """Run the demo site for ``duration_s`` seconds (None: until a signal).
 
@@ -310,6 +311,7 @@ async def run_demo(
     from ies_agent.ocpp.server import OcppSetupError
     from ies_agent.ocpp.simulator import DemoChargers, demo_ocpp_table
     from ies_agent.runtime import run_site
+    from ies_agent.web.errors import WebSetupError
 
     stop = asyncio.Event()
     # --for or a signal ends the chargers' sessions first, then stops the agent.
@@ -339,6 +341,10 @@ async def run_demo(
         site_path = data_dir / "site.toml"
         text = site_file(data_dir, ports, interval_s)
         text += demo_ocpp_table(ocpp_port, csms_url)
+        if http is not None:
+            from ies_agent.web.demo import demo_http_table
+
+            text += demo_http_table(data_dir, http)
         site_path.write_text(text + upstream_tables(mqtt_url, ies_endpoint))
         try:
             site = load_site(site_path)
@@ -359,7 +365,7 @@ async def run_demo(
             result = await run_site(
                 site, stop, data_dir=data_dir, upstream_wait_s=upstream_wait_s
             )
-        except (EvidenceError, OcppSetupError) as exc:
+        except (EvidenceError, OcppSetupError, WebSetupError) as exc:
             failure = str(exc)
         finally:
             finish.set()

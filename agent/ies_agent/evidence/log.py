@@ -41,9 +41,18 @@ The ``boot`` event also says whether the previous run ended with ``shutdown``
 (``prev_shutdown``: ``clean`` or ``unclean``; absent on the first boot).
 
 The writer refuses to start (:class:`LogRollbackError`) when the checkpoints cover
-more entries than the log holds, or the log's root at the last checkpoint's size is not
-the signed one: the log was replaced by an older copy, cut short or altered, and
-writing on would hide that.
+more entries than the log holds, or the log's root at a checkpoint's size is not the
+signed one: the log was replaced by an older copy, cut short or altered, and writing on
+would hide that. It refuses likewise (:class:`UnsignedHistoryError`) when signatures
+went missing: every ``checkpoint`` event must have its note in ``checkpoints.jsonl``,
+and the newest note must verify with the gateway's current or a retired key. Only one
+note may be missing: that of the last checkpoint event of a run that died between
+logging the event and signing it. The next start leaves it unsigned (it cannot sign
+past history honestly), reports ``prev_shutdown: unclean`` and names it in
+``unsigned_checkpoint``; the next checkpoint covers its entries. Without an outside
+copy of the checkpoints, a writer cannot tell a log whose signed tail was cut off
+together with its checkpoint events from a shorter honest one: the upstream's copy
+(``ies-agent verify --checkpoint``) can.
 
 Time. Each entry uses gateway time from its Reading (when stamped) or from the clock.
 Within one boot, when wall time and the monotonic clock disagree by more than 2 s
@@ -54,9 +63,14 @@ to or from ``S`` (synchronised), a ``time_sync`` event (``state``: ``gained`` or
 
 An :class:`EvidenceLog` is not thread-safe: call it from one thread at a time.
 
-Errors (tree in ``ies_agent.evidence.errors``): ``LogLockedError``,
-``LogRollbackError``, ``KeyFileError``, ``EvidenceFormatError`` (an entry that cannot be
-stored), ``EvidenceError`` (the file could not be written).
+Errors (tree in ``ies_agent.evidence.errors``; one more here)::
+
+    EvidenceError                  a file could not be read or written
+    ├── EvidenceFormatError        an entry that cannot be stored
+    ├── KeyFileError               the signing key is missing, loose or unreadable
+    ├── LogLockedError             another agent holds the data directory
+    └── LogRollbackError           the log is shorter than, or not, what was signed
+        └── UnsignedHistoryError   signatures over the log missing or not ours
 """
 
 from __future__ import annotations
@@ -120,6 +134,17 @@ _EVENT_KIND = re.compile(rb'"ev":"([^"\\]*)"')
 logger = logging.getLogger(__name__)
 
 
+class UnsignedHistoryError(LogRollbackError):
+    """The signatures over the log are missing, cut or not this gateway's.
+
+    Raised by :meth:`EvidenceLog.open` when ``checkpoints.jsonl`` is gone while the
+    log holds ``checkpoint`` events, lacks the note of such an event (other than the
+    one a crash can leave unsigned), holds a record that is not a signed note, or
+    its newest note does not verify with the gateway's keys. Signing on would vouch
+    for history nobody can check any more.
+    """
+
+
 def default_origin(gateway_id: str) -> str:
     """Return the checkpoint origin (log name) used when none is configured."""
     return f"ies-agent/{gateway_id}/log-1"
@@ -159,7 +184,13 @@ class _Scan:
     rotation: dict[str, Any] | None = None
     rotation_seq: int = -1
     rotation_abandoned: bool = False
-    root_at_check: bytes | None = None
+    roots: dict[int, bytes] = field(default_factory=dict)
+    """Root of the first N entries, for every size N a checkpoint signs."""
+    checkpoint_events: list[int] = field(default_factory=list)
+    """Seq of every ``checkpoint`` event."""
+    unclean_boot_after: set[int] = field(default_factory=set)
+    """Seqs of ``checkpoint`` events directly followed by a boot that says
+    ``prev_shutdown: unclean`` (the agent died while signing them)."""
 
 
 @dataclass
@@ -168,6 +199,7 @@ class _Checkpoints:
 
     good_bytes: int = 0
     file_bytes: int = 0
+    exists: bool = False
     notes: list[tuple[int, str]] = field(default_factory=list)
 
     @property
@@ -255,8 +287,10 @@ class EvidenceLog:
 
         Raises ``LogLockedError`` when another process holds the data directory,
         ``LogRollbackError`` when the log holds less than, or other than, what its
-        checkpoints signed, ``KeyFileError`` for a missing, loose or unreadable key,
-        and ``EvidenceError`` when the files cannot be read or written.
+        checkpoints signed, ``UnsignedHistoryError`` (a ``LogRollbackError``) when
+        checkpoint notes are missing or the newest does not verify,
+        ``KeyFileError`` for a missing, loose or unreadable key, and
+        ``EvidenceError`` when the files cannot be read or written.
         """
         data_dir = Path(data_dir)
         origin = origin or default_origin(gateway_id)
@@ -272,13 +306,17 @@ class EvidenceLog:
         try:
             log_path = data_dir / LOG_FILE
             checkpoints = _scan_checkpoints(data_dir / CHECKPOINTS_FILE)
-            scan = _scan_log(log_path, checkpoints.max_size)
+            sizes = {size for size, _ in checkpoints.notes}
+            scan = _scan_log(log_path, checkpoints.max_size, sizes)
             _refuse_rollback(data_dir, scan, checkpoints)
+            unsigned = _unsigned_checkpoints(data_dir, scan, checkpoints)
             key_existed = (keystore.keys_dir(data_dir) / keystore.KEY_FILE).exists()
             key = keystore.ensure_key(
                 data_dir, gateway_id=gateway_id, origin=origin, alg=key_alg
             )
-            if not key_existed and scan.size:
+            if key_existed:
+                _check_newest_note(data_dir, checkpoints, key)
+            elif scan.size:
                 logger.warning(
                     "signing key was missing; created a new one for an existing log",
                     extra={"kv": {"data_dir": str(data_dir), "fp": key.fingerprint}},
@@ -316,7 +354,16 @@ class EvidenceLog:
                 "mono_unit": "us",
             }
             if scan.size:
-                boot["prev_shutdown"] = "clean" if scan.clean_end else "unclean"
+                # A checkpoint left unsigned means the last run did not finish.
+                clean = scan.clean_end and unsigned is None
+                boot["prev_shutdown"] = "clean" if clean else "unclean"
+            if unsigned is not None:
+                boot["unsigned_checkpoint"] = unsigned
+                logger.warning(
+                    "the last checkpoint was logged but never signed: the agent "
+                    "stopped in between; the next checkpoint covers its entries",
+                    extra={"kv": {"data_dir": str(data_dir), "seq": unsigned}},
+                )
             if cut or cp_cut:
                 recovered = {"truncated_bytes": cut, "last_seq": scan.size - 1}
                 if cp_cut:
@@ -805,6 +852,7 @@ def _scan_checkpoints(path: Path) -> _Checkpoints:
         return result
     except OSError as exc:
         raise EvidenceError(f"cannot read {path}: {exc.strerror}") from None
+    result.exists = True
     result.file_bytes = len(data)
     offset = 0
     for raw in data.splitlines(keepends=True):
@@ -828,12 +876,14 @@ def _scan_checkpoints(path: Path) -> _Checkpoints:
     return result
 
 
-def _scan_log(path: Path, check_size: int) -> _Scan:
+def _scan_log(path: Path, check_size: int, sizes: set[int]) -> _Scan:
     """Read ``evidence.jsonl``: hash every entry, rebuild counters, find a torn tail.
 
     Lines before ``check_size`` (covered by a checkpoint, hence fsynced) are only
     parsed; from there on each line must be canonical with the expected ``seq`` and
-    ``prev``, and the scan stops at the first that is not.
+    ``prev``, and the scan stops at the first that is not. The root of the first N
+    entries is kept for every N in ``sizes`` (the sizes checkpoints sign), and the
+    seq of every ``checkpoint`` event is noted.
     """
     scan = _Scan()
     try:
@@ -846,6 +896,7 @@ def _scan_log(path: Path, check_size: int) -> _Scan:
     frontier = scan.frontier
     sseq = scan.sseq
     last_line: bytes | None = None
+    after_checkpoint = False
     index = 0
     offset = 0
     with stream:
@@ -867,18 +918,23 @@ def _scan_log(path: Path, check_size: int) -> _Scan:
             last_line = line
             offset += len(raw)
             index += 1
-            if index == check_size:
-                scan.root_at_check = frontier.root()
-            if entry is None:
-                scan.clean_end = False
-                continue
-            if entry.get("type") == "reading":
-                scan.clean_end = False
-                src, counter = entry.get("src"), entry.get("sseq")
+            if index in sizes:
+                scan.roots[index] = frontier.root()
+            if entry is None or entry.get("type") == "reading":
+                scan.clean_end = after_checkpoint = False
+                src = entry.get("src") if entry else None
+                counter = entry.get("sseq") if entry else None
                 if isinstance(src, str) and isinstance(counter, int):
                     sseq[src] = max(sseq.get(src, 0), counter + 1)
                 continue
             ev = entry.get("ev")
+            if ev == "boot" and after_checkpoint:
+                started = _summarize(line, full=True) or {}
+                if started.get("prev_shutdown") == "unclean":
+                    scan.unclean_boot_after.add(index - 2)
+            after_checkpoint = ev == "checkpoint"
+            if after_checkpoint:
+                scan.checkpoint_events.append(index - 1)
             # A clean stop ends with ``shutdown`` and the checkpoint after it.
             if ev == "shutdown":
                 scan.clean_end = True
@@ -937,32 +993,167 @@ def _continues(entry: Mapping[str, Any], index: int, last_line: bytes | None) ->
 
 
 def _refuse_rollback(data_dir: Path, scan: _Scan, checkpoints: _Checkpoints) -> None:
-    """Raise ``LogRollbackError`` when the log no longer holds what was signed."""
+    """Raise ``LogRollbackError`` when the log no longer holds what was signed.
+
+    Every note's root must be the root of the log at the note's size; a note that
+    cannot be read, or whose record gives another size than the note signs, counts
+    as altered (``UnsignedHistoryError``).
+    """
     if not checkpoints.notes:
         return
+    log_path, cp_path = data_dir / LOG_FILE, data_dir / CHECKPOINTS_FILE
     size = checkpoints.max_size
     if scan.size < size:
         raise LogRollbackError(
-            f"{data_dir / CHECKPOINTS_FILE} signs {size} entries but "
-            f"{data_dir / LOG_FILE} holds only {scan.size}: the log was replaced by "
-            f"an older copy, cut short or deleted. The agent will not write over the "
-            f"gap. Restore the log from a backup, or move {data_dir} aside (keep it as "
-            f"evidence) to start a new log."
+            f"{cp_path} signs {size} entries but {log_path} holds only {scan.size}: "
+            f"the log was replaced by an older copy, cut short or deleted. The agent "
+            f"will not write over the gap. Restore the log from a backup, or move "
+            f"{data_dir} aside (keep it as evidence) to start a new log."
         )
-    note = next(text for cp_size, text in checkpoints.notes if cp_size == size)
-    try:
-        text, _ = split_note(note)
-        signed_root = parse_checkpoint(text).root
-    except NoteError:
+    for line, (declared, signed_note) in enumerate(checkpoints.notes, start=1):
+        try:
+            text, _ = split_note(signed_note)
+            checkpoint = parse_checkpoint(text)
+        except NoteError as exc:
+            raise UnsignedHistoryError(
+                f"checkpoint record {line} of {cp_path} (size {declared}) is not a "
+                f"signed note ({exc}): the file was edited. {_MOVE_ASIDE}"
+                f"{_restore_hint(data_dir)}"
+            ) from None
+        if checkpoint.size != declared:
+            raise UnsignedHistoryError(
+                f"checkpoint record {line} of {cp_path} says size {declared} but its "
+                f"note signs {checkpoint.size}: the file was edited. {_MOVE_ASIDE}"
+                f"{_restore_hint(data_dir)}"
+            )
+        if scan.roots.get(declared, checkpoint.root) != checkpoint.root:
+            raise LogRollbackError(
+                f"the first {declared} entries of {log_path} do not match the root "
+                f"signed in {cp_path}: the log was altered or replaced. The agent "
+                f"will not write on. Run `ies-agent verify {data_dir}` to find the "
+                f"entries, then move {data_dir} aside (keep it as evidence) to start "
+                f"a new log."
+            )
+
+
+_MOVE_ASIDE = "The agent will not sign over history it cannot check."
+
+
+def _restore_hint(data_dir: Path) -> str:
+    return (
+        f" Restore {CHECKPOINTS_FILE} from a backup or from the copy the upstream "
+        f"received (then run `ies-agent verify {data_dir}`), or move {data_dir} "
+        f"aside (keep it as evidence) to start a new log."
+    )
+
+
+def _unsigned_checkpoints(
+    data_dir: Path, scan: _Scan, checkpoints: _Checkpoints
+) -> int | None:
+    """Check that every ``checkpoint`` event has its signed note.
+
+    The writer appends the event, fsyncs, then appends the note: a crash in between
+    leaves the last checkpoint event of that run without a note, and nothing else
+    does. That event is either the last entry of the log (this start is the first
+    since the crash: its seq is returned, for the ``boot`` event to record) or is
+    followed by a ``boot`` that says ``prev_shutdown: unclean`` (an earlier start
+    recorded it). Any other event without its note means ``checkpoints.jsonl`` was
+    deleted, cut or edited: raises ``UnsignedHistoryError``. Returns ``None`` when no
+    note is missing for a new reason.
+    """
+    events = scan.checkpoint_events
+    if not events:
+        return None
+    log_path, cp_path = data_dir / LOG_FILE, data_dir / CHECKPOINTS_FILE
+    if not checkpoints.exists:
+        raise UnsignedHistoryError(
+            f"{cp_path} is missing, but {log_path} holds {len(events)} checkpoint "
+            f"event(s) (the first at seq {events[0]}) whose signed notes it kept: the "
+            f"file was deleted, and the log may have been altered with it. "
+            f"{_MOVE_ASIDE}{_restore_hint(data_dir)}"
+        )
+    signed = {size for size, _ in checkpoints.notes}
+    crashed: int | None = None
+    missing = []
+    for seq in events:
+        if seq + 1 in signed or seq in scan.unclean_boot_after:
+            continue
+        if seq == scan.size - 1:
+            crashed = seq
+        else:
+            missing.append(seq)
+    if missing:
+        more = (
+            f" (and {len(missing) - 1} more, up to seq {missing[-1]})"
+            if len(missing) > 1
+            else ""
+        )
+        raise UnsignedHistoryError(
+            f"the checkpoint event at seq {missing[0]} of {log_path}{more} has no "
+            f"signed note (size {missing[0] + 1}) in {cp_path}: the file was edited, "
+            f"cut or deleted, and the log may have been altered with it. "
+            f"{_MOVE_ASIDE}{_restore_hint(data_dir)}"
+        )
+    return crashed
+
+
+def _check_newest_note(
+    data_dir: Path, checkpoints: _Checkpoints, key: keystore.SigningKey
+) -> None:
+    """Raise ``UnsignedHistoryError`` unless the largest checkpoint is signed by this
+    gateway's current or a retired key.
+
+    Its root was already matched with the log, and it covers every entry it counts:
+    one signature check (not one per checkpoint) shows that the history it signs is
+    the one this gateway wrote, whatever was done to older notes.
+    """
+    if not checkpoints.notes:
         return
-    if scan.root_at_check is not None and scan.root_at_check != signed_root:
-        raise LogRollbackError(
-            f"the first {size} entries of {data_dir / LOG_FILE} do not match the "
-            f"root signed in {data_dir / CHECKPOINTS_FILE}: the log was altered or "
-            f"replaced. The agent will not write on. Run `ies-agent verify {data_dir}` "
-            f"to find the entries, then move {data_dir} aside (keep it as evidence) to "
-            f"start a new log."
-        )
+    size = checkpoints.max_size
+    signed_note = next(n for s, n in reversed(checkpoints.notes) if s == size)
+    text, _ = split_note(signed_note)  # parsed before, by _refuse_rollback
+    origin = parse_checkpoint(text).origin
+    verifiers = [
+        parse_vkey(k.signer(origin).vkey()) for k in _known_keys(data_dir, key)
+    ]
+    try:
+        card = keystore.read_key_card(data_dir) or {}
+    except EvidenceError:
+        card = {}
+    listed = [card.get("vkey")] + [
+        item.get("vkey") for item in card.get("retired") or [] if isinstance(item, dict)
+    ]
+    for vkey in listed:
+        with contextlib.suppress(NoteError):
+            if isinstance(vkey, str):
+                verifiers.append(parse_vkey(vkey))
+    try:
+        opened = open_note(signed_note, verifiers)
+    except NoteError as exc:
+        problem = str(exc)
+    else:
+        if opened.verified_by:
+            return
+        problem = "signed by none of the keys in keys/ (current or retired)"
+    raise UnsignedHistoryError(
+        f"the newest checkpoint in {data_dir / CHECKPOINTS_FILE} (size {size}) does "
+        f"not verify: {problem}. Its signature was forged or the note altered, or "
+        f"keys/ belongs to another log. {_MOVE_ASIDE} Run `ies-agent verify "
+        f"{data_dir} --key FILE` with the gateway's registered key to see what "
+        f"changed.{_restore_hint(data_dir)}"
+    )
+
+
+def _known_keys(
+    data_dir: Path, current: keystore.SigningKey
+) -> list[keystore.SigningKey]:
+    """Return the current key and every retired key that can be loaded."""
+    found = [current]
+    retired = keystore.keys_dir(data_dir) / keystore.RETIRED_DIR
+    for path in sorted(retired.glob("*.pem")):
+        with contextlib.suppress(EvidenceError):
+            found.append(keystore.load_private_key(path))
+    return found
 
 
 def _cut_tail(data_dir: Path, path: Path, scan: _Scan, boot: int) -> int:

@@ -205,6 +205,8 @@ class CheckpointRecord:
     """The ``size`` written beside the note in ``checkpoints.jsonl``, if any."""
     where: str
     """Where it came from, for messages (``checkpoints.jsonl line 3``)."""
+    problem: str | None = None
+    """Why the line is not a checkpoint record (``note`` is then empty)."""
 
 
 def load_verifiers(path: Path) -> list[note.NoteVerifier]:
@@ -247,7 +249,9 @@ def load_verifiers(path: Path) -> list[note.NoteVerifier]:
 def read_checkpoint_file(path: Path) -> list[CheckpointRecord]:
     """Read checkpoints from ``path``: a ``checkpoints.jsonl`` or one signed note.
 
-    A torn last line of ``checkpoints.jsonl`` (no newline) is skipped. Raises
+    A torn last line of ``checkpoints.jsonl`` (no newline) and blank lines at the end
+    of either kind of file are skipped; any other line that is not a record is kept
+    as a record with ``problem`` set (the verifier reports it). Raises
     ``VerifyInputError`` when the file cannot be read.
     """
     try:
@@ -261,28 +265,38 @@ def read_checkpoint_file(path: Path) -> list[CheckpointRecord]:
     if not text.strip():
         return []
     if not text.lstrip().startswith("{"):
-        return [CheckpointRecord(text, None, str(path))]
+        # One signed note; an editor may have added blank lines after it.
+        return [CheckpointRecord(text.rstrip() + "\n", None, str(path))]
     records = []
-    lines = text.split("\n")
-    complete = lines[:-1]  # the piece after the last newline is empty or torn
-    for number, line in enumerate(complete, start=1):
+    lines = text.split("\n")[:-1]  # the piece after the last newline: empty or torn
+    while lines and not lines[-1].strip():
+        lines.pop()
+    for number, line in enumerate(lines, start=1):
         where = f"{Path(path).name} line {number}"
-        if not line:
-            records.append(CheckpointRecord("", None, where))
+        problem = _record_problem(line)
+        if problem is not None:
+            records.append(CheckpointRecord("", None, where, problem))
             continue
-        try:
-            record = json.loads(line)
-        except ValueError:
-            record = None
-        if (
-            not isinstance(record, dict)
-            or not isinstance(record.get("note"), str)
-            or not isinstance(record.get("size"), int)
-        ):
-            records.append(CheckpointRecord("", None, where))
-            continue
+        record = json.loads(line)
         records.append(CheckpointRecord(record["note"], record["size"], where))
     return records
+
+
+def _record_problem(line: str) -> str | None:
+    """Return why a line of ``checkpoints.jsonl`` is not a record, or ``None``."""
+    if not line.strip():
+        return "a blank line"
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return "not JSON"
+    if not isinstance(record, dict):
+        return f"a JSON {type(record).__name__}, not an object"
+    if not isinstance(record.get("note"), str):
+        return "no 'note' with the signed note text"
+    if not _is_int(record.get("size")):
+        return "no integer 'size'"
+    return None
 
 
 # --- entry points ---------------------------------------------------------------------
@@ -300,42 +314,138 @@ def verify_path(
     keys found beside the log are used and the report warns that they are not
     pinned. ``checkpoints`` are checkpoints obtained earlier (a note or a
     ``checkpoints.jsonl``), e.g. from upstream; the log must still contain what they
-    signed, which detects replacement by an older copy. Raises ``VerifyInputError``
-    when ``path`` is neither a log nor a bundle, or a key or checkpoint file cannot be
-    used; everything wrong *inside* the evidence is a finding in the report.
+    signed, which detects replacement by an older copy.
+
+    A file named ``*.json``, or whose first line is not a log entry but starts with
+    ``{``, is a bundle: a damaged one is reported as ``bundle_malformed``, never read
+    as a log. A log file is verified with the checkpoints and keys of its directory
+    only when it is that directory's log (``evidence.jsonl`` or ``entries.jsonl``);
+    any other log file needs ``checkpoints`` (then its own checkpoints) and ``keys``.
+
+    Raises ``VerifyInputError`` when ``path`` is missing, unreadable or neither a log
+    nor a bundle, or a key or checkpoint file cannot be used; everything wrong
+    *inside* the evidence is a finding in the report.
     """
     path = Path(path)
     pinned = [v for key_path in keys for v in load_verifiers(key_path)]
     references = [r for ref in checkpoints for r in read_checkpoint_file(ref)]
     if path.is_dir():
-        return _verify_directory(path, pinned, references)
+        log_path, _ = find_log(path)
+        return _verify_log_file(log_path, path, pinned, references)
     if not path.exists():
         raise VerifyInputError(f"{path} does not exist")
+    if _is_bundle_file(path):
+        return _verify_bundle_file(path, pinned)
+    if _is_directory_log(path):
+        return _verify_log_file(path, path.parent, pinned, references)
+    # A log file on its own: nothing is taken from the directory it happens to be in.
+    if not references or not pinned:
+        raise VerifyInputError(
+            f"{path} is not the log of a data directory, so its checkpoints and key "
+            "are not looked up beside it: give them with --checkpoint FILE (its "
+            "checkpoints.jsonl) and --key FILE, or verify the data directory"
+        )
+    return _verify_lone_log(path, pinned, references)
+
+
+def _is_bundle_file(path: Path) -> bool:
+    """Tell a bundle (``*.json``, or a first line that starts an object but is no
+    log entry) from a log file; raise ``VerifyInputError`` for neither."""
+    if path.suffix in (".json", ".jsonl"):
+        return path.suffix == ".json"
     try:
         with path.open("rb") as stream:
-            first_line = stream.readline()
+            first_line = stream.readline(1 << 20)
     except OSError as exc:
         raise VerifyInputError(f"cannot read {path}: {exc}") from None
-    if first_line and not first_line.startswith(b'{"'):
-        # A bundle from 'ies-agent prove' is pretty-printed ('{' then a newline);
-        # a log starts with a canonical entry.
-        return _verify_bundle_file(path, pinned)
+    if not first_line.lstrip().startswith(b"{"):
+        raise VerifyInputError(
+            f"{path} is neither an evidence log nor a bundle from 'ies-agent prove' "
+            "(it does not start with '{')"
+        )
     try:
         candidate = json.loads(first_line)
     except ValueError:
-        candidate = None
-    if isinstance(candidate, dict) and "proof" in candidate and "entry" in candidate:
-        return _verify_bundle_file(path, pinned)
-    return _verify_log_file(path, path.parent, pinned, references)
+        return True  # a pretty-printed or damaged bundle
+    return not (isinstance(candidate, dict) and "seq" in candidate)
 
 
-def _verify_directory(
+def _is_directory_log(path: Path) -> bool:
+    """Tell whether the file ``path`` is the log of the directory it is in."""
+    try:
+        return find_log(path.parent)[0] == path
+    except VerifyInputError:
+        return False
+
+
+def _verify_log_file(
+    log_path: Path,
     directory: Path,
     pinned: list[note.NoteVerifier],
     references: list[CheckpointRecord],
 ) -> Report:
-    log_path, _ = find_log(directory)
-    return _verify_log_file(log_path, directory, pinned, references)
+    """Verify the log of ``directory`` with its checkpoints (and, unless keys are
+    pinned, its keys)."""
+    records = directory_checkpoints(directory)
+    missing = missing_checkpoints_file(directory)
+    findings: list[Finding] = []
+    if pinned:
+        verifiers, is_pinned = pinned, True
+    else:
+        verifiers, source = directory_keys(directory)
+        is_pinned = False
+        if not verifiers:
+            raise VerifyInputError(
+                f"no key given and none found beside {log_path}: pass the gateway's "
+                "registered key with --key FILE (a .vkey file or key card)"
+            )
+        findings.append(
+            Finding(
+                None,
+                WARNING,
+                "key_not_pinned",
+                f"no --key given: trusting the key(s) in {source}, which whoever "
+                "could edit the log could also replace; pass the gateway's "
+                "registered key with --key to pin it",
+            )
+        )
+    report = _verify_open_log(
+        log_path, records, verifiers, references, missing_checkpoints=missing
+    )
+    report.pinned = is_pinned
+    report.findings[:0] = findings
+    return report
+
+
+def _verify_lone_log(
+    log_path: Path,
+    verifiers: list[note.NoteVerifier],
+    records: list[CheckpointRecord],
+) -> Report:
+    """Verify a log file outside its data directory against the given checkpoints."""
+    return _verify_open_log(log_path, records, verifiers, [])
+
+
+def _verify_open_log(
+    log_path: Path,
+    records: list[CheckpointRecord],
+    verifiers: list[note.NoteVerifier],
+    references: list[CheckpointRecord],
+    *,
+    missing_checkpoints: str | None = None,
+) -> Report:
+    try:
+        with log_path.open("rb") as stream:
+            return verify_log(
+                stream,
+                records,
+                verifiers,
+                references=references,
+                path=str(log_path),
+                missing_checkpoints=missing_checkpoints,
+            )
+    except OSError as exc:
+        raise VerifyInputError(f"cannot read {log_path}: {exc}") from None
 
 
 def find_log(path: Path) -> tuple[Path, Path]:
@@ -368,6 +478,14 @@ def directory_checkpoints(directory: Path) -> list[CheckpointRecord]:
     return records
 
 
+def missing_checkpoints_file(directory: Path) -> str | None:
+    """Return the path of ``checkpoints.jsonl`` when ``directory`` keeps no
+    checkpoints at all (neither that file nor ``*.note`` files), else ``None``."""
+    if (directory / CHECKPOINTS_FILE).exists() or any(directory.glob("*.note")):
+        return None
+    return str(directory / CHECKPOINTS_FILE)
+
+
 def directory_keys(directory: Path) -> tuple[list[note.NoteVerifier], str]:
     """Return the keys found in ``directory`` and where they came from."""
     card = directory / KEY_CARD
@@ -380,61 +498,34 @@ def directory_keys(directory: Path) -> tuple[list[note.NoteVerifier], str]:
     return verifiers, ", ".join(str(p) for p in vkey_files)
 
 
-def _verify_log_file(
-    log_path: Path,
-    directory: Path,
-    pinned: list[note.NoteVerifier],
-    references: list[CheckpointRecord],
-) -> Report:
-    records = directory_checkpoints(directory)
-    findings: list[Finding] = []
-    if pinned:
-        verifiers, is_pinned = pinned, True
-    else:
-        verifiers, source = directory_keys(directory)
-        is_pinned = False
-        if not verifiers:
-            raise VerifyInputError(
-                f"no key given and none found beside {log_path}: pass the gateway's "
-                "registered key with --key FILE (a .vkey file or key card)"
-            )
-        findings.append(
-            Finding(
-                None,
-                WARNING,
-                "key_not_pinned",
-                f"no --key given: trusting the key(s) in {source}, which whoever "
-                "could edit the log could also replace; pass the gateway's "
-                "registered key with --key to pin it",
-            )
-        )
-    try:
-        with log_path.open("rb") as stream:
-            report = verify_log(
-                stream, records, verifiers, references=references, path=str(log_path)
-            )
-    except OSError as exc:
-        raise VerifyInputError(f"cannot read {log_path}: {exc}") from None
-    report.pinned = is_pinned
-    report.findings[:0] = findings
-    return report
-
-
 # --- bundles --------------------------------------------------------------------------
 
 
 def _verify_bundle_file(path: Path, pinned: list[note.NoteVerifier]) -> Report:
+    """Verify the bundle file ``path``.
+
+    A file that cannot be read at all raises ``VerifyInputError`` (exit 2). A file
+    that is read but holds no valid bundle (empty, cut short, not JSON, a field
+    missing) is damaged evidence: the report fails with one ``bundle_malformed``
+    finding ("not a valid proof bundle: ...", exit 1), whatever keys were given.
+    """
     try:
-        bundle = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
-        raise VerifyInputError(
-            f"{path} is neither an evidence log nor a bundle from 'ies-agent prove' "
-            f"({exc})"
-        ) from None
-    if not isinstance(bundle, dict) or "entry" not in bundle:
-        raise VerifyInputError(
-            f"{path} is neither an evidence log nor a bundle from 'ies-agent prove'"
+        data = path.read_bytes()
+    except OSError as exc:
+        raise VerifyInputError(f"cannot read {path}: {exc}") from None
+    bundle, problem = _load_bundle(data)
+    if bundle is None or problem is not None:
+        report = Report(path=str(path), kind="bundle", pinned=bool(pinned))
+        report.trusted_keys = [v.label for v in pinned]
+        report.findings.append(
+            Finding(
+                None,
+                ERROR,
+                "bundle_malformed",
+                f"not a valid proof bundle: {problem}",
+            )
         )
+        return report
     findings: list[Finding] = []
     verifiers = list(pinned)
     if not verifiers:
@@ -467,6 +558,45 @@ def _verify_bundle_file(path: Path, pinned: list[note.NoteVerifier]) -> Report:
     return report
 
 
+def _load_bundle(data: bytes) -> tuple[dict[str, Any] | None, str | None]:
+    """Parse a bundle file's bytes; return (bundle, problem), one of them ``None``
+    unless the JSON object parsed but lacks what a bundle needs."""
+    if not data.strip():
+        return None, "the file is empty"
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        return None, "the file is not UTF-8 text"
+    try:
+        bundle = json.loads(text)
+    except ValueError as exc:
+        cut = " (the file ends early: cut short?)" if exc.pos >= len(text.rstrip()) else ""
+        return None, f"not JSON: {exc.msg} at line {exc.lineno} column {exc.colno}{cut}"
+    if not isinstance(bundle, dict):
+        return None, f"a JSON {type(bundle).__name__}, not an object"
+    return bundle, _bundle_problem(bundle)
+
+
+_BUNDLE_FIELDS = (
+    ("entry", str, "the disclosed entry line (text)"),
+    ("leaf_index", int, "the entry's seq (integer)"),
+    ("tree_size", int, "the size of the signed tree (integer)"),
+    ("proof", list, "the inclusion proof (list of base64 hashes)"),
+    ("checkpoint", str, "the signed checkpoint note (text)"),
+)
+
+
+def _bundle_problem(bundle: Mapping[str, Any]) -> str | None:
+    """Return the first field a bundle lacks or holds in the wrong type, or ``None``."""
+    for name, kind, what in _BUNDLE_FIELDS:
+        if name not in bundle:
+            return f"no '{name}' ({what})"
+        value = bundle[name]
+        if (kind is int and not _is_int(value)) or not isinstance(value, kind):
+            return f"'{name}' must be {what}, got {type(value).__name__}"
+    return None
+
+
 def verify_bundle(
     bundle: Mapping[str, Any],
     verifiers: Sequence[note.NoteVerifier],
@@ -492,18 +622,15 @@ def verify_bundle(
     size = bundle.get("tree_size")
     raw_proof = bundle.get("proof")
     note_text = bundle.get("checkpoint")
-    if not (
+    problem = _bundle_problem(bundle)
+    if problem is not None or not (
         isinstance(entry_text, str)
         and _is_int(index)
         and _is_int(size)
         and isinstance(raw_proof, list)
         and isinstance(note_text, str)
     ):
-        return fail(
-            "bundle_malformed",
-            "bundle needs 'entry' (text), 'leaf_index' and 'tree_size' (integers), "
-            "'proof' (list) and 'checkpoint' (signed note)",
-        )
+        return fail("bundle_malformed", f"not a valid proof bundle: {problem}")
     try:
         opened = note.open_note(note_text, verifiers)
         checkpoint = note.parse_checkpoint(opened.text)
@@ -563,14 +690,18 @@ def verify_log(
     *,
     references: Sequence[CheckpointRecord] = (),
     path: str = "<log>",
+    missing_checkpoints: str | None = None,
 ) -> Report:
     """Verify a log against ``checkpoints`` signed by ``verifiers``.
 
     ``data`` is the log's bytes, or its lines with their newlines (an open binary
     file works: the log is read once, front to back, and about 50 bytes per entry
     are kept, so a log larger than memory verifies too). ``references`` are
-    checkpoints obtained earlier from elsewhere (rollback check). Never raises for
-    bad evidence: everything is a finding in the returned report.
+    checkpoints obtained earlier from elsewhere (rollback check).
+    ``missing_checkpoints`` names the checkpoints file when it does not exist at
+    all (see :func:`missing_checkpoints_file`): a log with ``checkpoint`` events
+    then fails with one finding instead of one per event. Never raises for bad
+    evidence: everything is a finding in the returned report.
     """
     if isinstance(data, bytes):
         # Split at b"\n" only: a stray b"\r" inside an altered entry stays in it.
@@ -585,7 +716,9 @@ def verify_log(
     collecting = gc.isenabled()
     gc.disable()
     try:
-        return _LogCheck(checkpoints, verifiers, references, path).run(lines)
+        check = _LogCheck(checkpoints, verifiers, references, path)
+        check.missing_file = missing_checkpoints
+        return check.run(lines)
     finally:
         if collecting:
             gc.enable()
@@ -593,6 +726,30 @@ def verify_log(
 
 def _b64_sha256(raw: bytes) -> str:
     return base64.b64encode(hashlib.sha256(raw).digest()).decode("ascii")
+
+
+def _not_an_entry(raw: bytes) -> tuple[str | None, int]:
+    """Look closer at a line that is not a canonical entry.
+
+    Returns (what it is, ``_NONE``) for a line that is no entry at all (blank, not
+    JSON, JSON but no object), else (``None``, the ``seq`` it declares or
+    ``_NONE``): an altered entry that still says where it belongs.
+    """
+    if not raw.strip():
+        return "a blank line", _NONE
+    try:
+        value = json.loads(raw)
+    except (ValueError, RecursionError):
+        return "not JSON", _NONE
+    if not isinstance(value, dict):
+        return f"a JSON {type(value).__name__}, not an object", _NONE
+    seq = value.get("seq")
+    return None, seq if type(seq) is int and seq >= 0 else _NONE
+
+
+_Pending = tuple[bytes, bytes, dict[str, Any] | None, int, str | None, str | None]
+"""A line waiting for its successor: raw, leaf, entry, declared seq, parse error,
+what it is when no entry at all."""
 
 
 _NONE = -1
@@ -645,6 +802,24 @@ class _LogCheck:
         self.rotations: list[tuple[int, str, str]] = []
         """(position, old vkey, new vkey) of every ``key_rotation`` event."""
         self.roots: dict[int, bytes] = {}
+        self.missing_file: str | None = None
+        """The checkpoints file, when it does not exist at all."""
+        self.noted: set[int] = set()
+        """Sizes named by the checkpoint records (declared or signed)."""
+        self.checkpoint_events: list[tuple[int, int]] = []
+        """(position, seq) of every ``checkpoint`` event in its place."""
+        self.unclean_after: set[int] = set()
+        """Positions of ``checkpoint`` events directly followed by a ``boot`` that
+        says the agent stopped uncleanly."""
+        self.last_entry_pos = -1
+        """Position of the last line that is an entry (not an inserted line)."""
+        self.inserted: list[tuple[int, str]] = []
+        """(position, what it is) of lines that are no entry, between entries."""
+        self.untrusted: list[tuple[int, CheckpointRecord, note.Checkpoint, int]] = []
+        """(index, record, body, signatures by other keys) of checkpoints no
+        trusted key signed."""
+        self._checkpoint_pos = _NONE
+        """Position of the entry before, when it is a ``checkpoint`` event."""
         self._torn = b""
         self._last_link_broken = False
         self._prev_hash = ""
@@ -686,14 +861,21 @@ class _LogCheck:
         return report
 
     def _wanted_sizes(self) -> set[int]:
-        """Sizes named by any checkpoint body (signatures are checked later)."""
+        """Sizes named by any checkpoint body (signatures are checked later); the
+        sizes the log's own records name are kept in ``noted``."""
         sizes = set()
-        for record in (*self.records, *self.references):
+        noted = {r.declared_size for r in self.records if r.declared_size is not None}
+        own = len(self.records)
+        for index, record in enumerate((*self.records, *self.references)):
             try:
                 text, _ = note.split_note(record.note)
-                sizes.add(note.parse_checkpoint(text).size)
+                size = note.parse_checkpoint(text).size
             except NoteError:
                 continue
+            sizes.add(size)
+            if index < own:
+                noted.add(size)
+        self.noted = noted
         return sizes
 
     # --- the pass ---------------------------------------------------------------------
@@ -708,23 +890,22 @@ class _LogCheck:
         frontier = merkle.MerkleFrontier()
         if 0 in sizes:
             self.roots[0] = frontier.root()
-        pending: tuple[bytes, bytes, dict[str, Any] | None, int, str | None] | None
-        pending = None
+        pending: _Pending | None = None
         for raw in lines:
             if not raw.endswith(b"\n"):
                 self._torn = raw  # only the last piece can lack its newline
                 break
             raw = raw[:-1]
+            junk: str | None = None
             try:
                 entry: dict[str, Any] | None = parse_entry(raw)
                 error = None
             except EvidenceFormatError as exc:
                 entry, error = None, str(exc)
-            declared = _NONE
+                junk, declared = _not_an_entry(raw)
             if entry is not None:
                 seq = entry.get("seq")
-                if type(seq) is int and seq >= 0:
-                    declared = seq
+                declared = seq if type(seq) is int and seq >= 0 else _NONE
             if pending is not None:
                 self._line(*pending, declared, entries)
             # Hash as we go, recording the root wherever a checkpoint needs one.
@@ -732,10 +913,11 @@ class _LogCheck:
             frontier.append(leaf)
             if frontier.size in sizes:
                 self.roots[frontier.size] = frontier.root()
-            pending = (raw, leaf, entry, declared, error)
+            pending = (raw, leaf, entry, declared, error, junk)
         if pending is not None:
             self._line(*pending, _NONE, entries)
         entries.finish(self.count)
+        self._report_inserted()
         if self._torn:
             self.add(
                 len(self.seen),
@@ -752,26 +934,95 @@ class _LogCheck:
         entry: dict[str, Any] | None,
         declared: int,
         error: str | None,
+        junk: str | None,
         next_declared: int,
         entries: _EntryCheck,
     ) -> None:
         pos = self.count
         self.count += 1
+        expected = len(self.seen)
+        if junk is not None and next_declared != expected + 1:
+            # No entry, and no entry is missing here (the next line is the one
+            # expected, or the log ends): the line was inserted.
+            self.leaves += leaf
+            self.labels.append(max(expected - 1, 0))
+            self.structural.append(1)
+            self.times.append(_NONE)
+            self.inserted.append((pos, junk))
+            return  # the next entry's 'prev' is checked against the entry before
         label, structural = self._place(pos, leaf, declared, next_declared)
         self.leaves += leaf
         self.labels.append(label)
         self.structural.append(structural)
-        if error is not None:
+        self.last_entry_pos = pos
+        if junk is not None:
+            self.add(
+                label,
+                ERROR,
+                "bad_line",
+                f"line {pos + 1} is not an entry ({junk}) where entry seq {label} "
+                "belongs: the entry was overwritten",
+                pos=pos,
+            )
+        elif error is not None:
             self.add(label, ERROR, "bad_line", f"{error}: it was altered", pos=pos)
         if entry is not None:
             self._link(pos, entry, structural)
-            if entry.get("ev") == "key_rotation":
-                old, new = entry.get("old_vkey"), entry.get("new_vkey")
-                if isinstance(old, str) and isinstance(new, str):
-                    self.rotations.append((pos, old, new))
+            self._note_event(pos, label, entry, structural)
+        else:
+            self._checkpoint_pos = _NONE
         self._prev_hash = _b64_sha256(raw)
         self._prev_ok = entry is not None and not structural
         self.times.append(entries.line(pos, label, entry, structural))
+
+    def _note_event(
+        self, pos: int, seq: int, entry: Mapping[str, Any], structural: int
+    ) -> None:
+        """Remember key rotations, checkpoint events and the boots after them."""
+        ev = entry.get("ev") if entry.get("type") == "event" else None
+        if ev == "key_rotation":
+            old, new = entry.get("old_vkey"), entry.get("new_vkey")
+            if isinstance(old, str) and isinstance(new, str):
+                self.rotations.append((pos, old, new))
+        elif (
+            ev == "boot"
+            and self._checkpoint_pos != _NONE
+            and entry.get("prev_shutdown") == "unclean"
+        ):
+            self.unclean_after.add(self._checkpoint_pos)
+        if ev == "checkpoint" and not structural:
+            self.checkpoint_events.append((pos, seq))
+            self._checkpoint_pos = pos
+        else:
+            self._checkpoint_pos = _NONE
+
+    def _report_inserted(self) -> None:
+        """Report lines that are no entry, one finding per run of adjacent lines."""
+        runs: list[list[tuple[int, str]]] = []
+        for pos, what in self.inserted:
+            if runs and runs[-1][-1][0] == pos - 1:
+                runs[-1].append((pos, what))
+            else:
+                runs.append([(pos, what)])
+        for run in runs:
+            first, last = run[0][0], run[-1][0]
+            kinds = ", ".join(sorted({what for _, what in run}))
+            lines = f"line {first + 1}"
+            if last > first:
+                lines = f"lines {first + 1}..{last + 1}"
+            # The line before a run is an entry (runs are maximal).
+            where = f"after seq {self.labels[first - 1]}" if first else "before seq 0"
+            if last == self.count - 1:
+                where = f"at the end of the log, {where}"
+            self.findings.append(
+                Finding(
+                    None,
+                    ERROR,
+                    "not_an_entry",
+                    f"{lines} ({where}): not an entry ({kinds}): "
+                    f"{'it was' if first == last else 'they were'} added to the log",
+                )
+            )
 
     def _place(
         self, pos: int, leaf: bytes, declared: int, next_declared: int

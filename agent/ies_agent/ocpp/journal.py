@@ -9,16 +9,17 @@ Files in ``<data_dir>/ocpp/<charger id>/``:
   before the charger gets its answer, so an acknowledged message survives a crash
   or a power cut.
 - ``cursor.json``: ``{"n", "offset"}``, the next entry the CSMS has not confirmed and
-  its byte offset. Replay reads from there in order, from disk, so an outage of any
-  length costs disk, never memory. When everything is delivered and the journal has
-  grown past 256 KiB it is cut back to zero bytes, so its size is bounded by the
-  longest outage.
+  its byte offset, rewritten in place (one ``pwrite`` of a fixed-size record).
+  Replay reads from there in order, from disk, so an outage of any length costs
+  disk, never memory. When everything is delivered and the journal has grown past
+  256 KiB it is cut back to zero bytes, so its size is bounded by the longest outage.
 - ``state.json``: small and bounded: the local transaction ids given while the CSMS
   was away and the CSMS ids they map to, the authorisation cache, the last
   BootNotification per version, the open transactions. Replaced atomically.
 
-Durability: journal appends are fsynced; the cursor is replaced with a rename and
-not fsynced, so a power cut can make the CSMS see a message twice, never miss one.
+Durability: journal appends are fsynced; the cursor is written in place and not
+fsynced, so a power cut can make the CSMS see messages twice (an unreadable cursor
+means: replay the whole journal), never miss one.
 A torn last journal line (a crash mid-write) is cut on open: it was never answered.
 
 Errors::
@@ -49,6 +50,8 @@ AUTH_CACHE_MAX = 1000
 TX_MAP_MAX = 256
 """Local → CSMS transaction id pairs kept per charger (oldest dropped first)."""
 READ_CHUNK = 65536
+CURSOR_BYTES = 64
+"""Size of the cursor record (JSON padded with spaces), written with one pwrite."""
 COMPACT_BYTES = 256 * 1024
 """The journal is cut back to zero once everything is delivered and it is this big."""
 
@@ -122,11 +125,14 @@ class ChargerStore:
     Not thread-safe: use it from the event loop's thread only.
     """
 
-    def __init__(self, directory: Path, fd: int, state: ChargerState) -> None:
+    def __init__(
+        self, directory: Path, fd: int, cursor_fd: int, state: ChargerState
+    ) -> None:
         """Internal: use :meth:`open`."""
         self.directory = directory
         self.state = state
         self._fd = fd
+        self._cursor_fd = cursor_fd
         self._size = 0
         self._next_n = 0
         self._cursor_n = 0
@@ -147,11 +153,16 @@ class ChargerStore:
             )
         except OSError as exc:
             raise JournalError(f"cannot open {directory}: {exc.strerror}") from None
-        store = cls(directory, fd, state)
+        try:
+            cursor_fd = os.open(directory / CURSOR_FILE, os.O_RDWR | os.O_CREAT, 0o640)
+        except OSError as exc:
+            os.close(fd)
+            raise JournalError(f"cannot open {directory}: {exc.strerror}") from None
+        store = cls(directory, fd, cursor_fd, state)
         try:
             store._recover()
         except BaseException:
-            os.close(fd)
+            store.close()
             raise
         return store
 
@@ -159,6 +170,7 @@ class ChargerStore:
         """Close the journal file (appends after this raise ``JournalError``)."""
         if self._fd >= 0:
             os.close(self._fd)
+            os.close(self._cursor_fd)
             self._fd = -1
 
     # --- journal ----------------------------------------------------------------------
@@ -333,7 +345,13 @@ class ChargerStore:
 
     def _write_cursor(self) -> None:
         text = dumps({"n": self._cursor_n, "offset": self._cursor_offset})
-        _atomic_write(self.directory / CURSOR_FILE, text.encode(), fsync=False)
+        record = text.encode().ljust(CURSOR_BYTES - 1) + b"\n"
+        try:
+            os.pwrite(self._cursor_fd, record, 0)
+        except OSError as exc:
+            raise JournalError(
+                f"cannot write {self.directory / CURSOR_FILE}: {exc.strerror}"
+            ) from None
 
 
 def _parse_entry(line: bytes, offset: int) -> JournalEntry | None:
