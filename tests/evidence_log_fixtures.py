@@ -87,6 +87,27 @@ def b64_sha256(line: bytes) -> str:
     return base64.b64encode(hashlib.sha256(line).digest()).decode()
 
 
+def forge(data_dir: Path, old: bytes, new: bytes) -> int:
+    """Replace ``old`` by ``new`` in the first entry holding it and recompute every
+    later ``prev``, as a forger without the key would; return the altered seq."""
+    lines = log_lines(data_dir)
+    target = next(i for i, line in enumerate(lines) if old in line)
+    lines[target] = lines[target].replace(old, new, 1)
+    for index in range(target + 1, len(lines)):
+        entry = canonical.parse_entry(lines[index])
+        entry["prev"] = b64_sha256(lines[index - 1])
+        lines[index] = canonical.canonical_bytes(entry)
+    (data_dir / "evidence.jsonl").write_bytes(b"".join(x + b"\n" for x in lines))
+    return target
+
+
+def cut_checkpoints(data_dir: Path, count: int) -> None:
+    """Remove the last ``count`` lines of ``checkpoints.jsonl``."""
+    path = data_dir / "checkpoints.jsonl"
+    lines = path.read_bytes().splitlines(keepends=True)
+    path.write_bytes(b"".join(lines[:-count]))
+
+
 @dataclass
 class LogCheck:
     """What ``check_log`` found in a data directory."""

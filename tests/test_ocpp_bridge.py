@@ -54,12 +54,14 @@ async def _outage_run(tmp_path: Path, outage_s: float) -> None:
             # Sessions went on while the CSMS was away, answered by the agent.
             assert all(s.sessions > b for s, b in zip(sims, before, strict=True))
             assert run.state.chargers["CP16"].journal_backlog > 0
+            assert run.state.chargers["CP16"].csms_connected is False
             csms.start()
             await _until(
                 lambda: all(
                     s.sessions >= b + 2 for s, b in zip(sims, before, strict=True)
                 )
             )
+            assert run.state.chargers["CP201"].csms_connected is True
             stop.set()
             await asyncio.gather(*tasks)
             # The simulators end their open sessions at stop; the agent delivers them.

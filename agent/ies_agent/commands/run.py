@@ -20,7 +20,6 @@ def main(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from ies_agent.config import ConfigError, load_site
-    from ies_agent.evidence.errors import EvidenceError
     from ies_agent.runtime import run_site
 
     try:
@@ -41,7 +40,37 @@ def main(args: argparse.Namespace) -> int:
 
     try:
         asyncio.run(run())
-    except EvidenceError as exc:
-        print(f"ies-agent run: {exc}")
+    except (Exception, BaseExceptionGroup) as exc:
+        message = _setup_failure(exc)
+        if message is None:
+            raise
+        print(f"ies-agent run: {message}")
         return 1
     return 0
+
+
+# What keeps the agent from starting, by module: each can only be raised once its
+# module is loaded, so checking needs no import (the agent loads only what it uses).
+_SETUP_ERRORS = {
+    "ies_agent.evidence.errors": "EvidenceError",
+    "ies_agent.dlms_config": "DlmsSecretError",
+    "ies_agent.ocpp.server": "OcppSetupError",
+    "ies_agent.web.errors": "WebSetupError",
+}
+
+
+def _setup_failure(exc: BaseException) -> str | None:
+    """Return the one-line message of a setup error in ``exc`` (or its group)."""
+    import sys
+
+    classes = tuple(
+        getattr(sys.modules[module], name)
+        for module, name in _SETUP_ERRORS.items()
+        if module in sys.modules
+    )
+    while isinstance(exc, BaseExceptionGroup):
+        found = exc.subgroup(classes) if classes else None
+        if found is None:
+            return None
+        exc = found.exceptions[0]
+    return str(exc) if isinstance(exc, classes) else None

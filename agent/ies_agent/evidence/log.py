@@ -471,7 +471,10 @@ class EvidenceLog:
         The log is fsynced before the note is appended to ``checkpoints.jsonl`` (and
         fsynced), so a checkpoint never covers entries a power cut could take. After a
         key rotation the first checkpoint is signed by both keys. Costs O(log n)
-        hashes. Raises ``EvidenceError`` when a file cannot be written.
+        hashes. Raises ``EvidenceError`` when a file cannot be written; when the note
+        could not be stored the log then takes no more entries (until a restart), so
+        its event stays the last entry: the one place where a start accepts a
+        checkpoint event without its note.
         """
         self._check_writable()
         stamp = self._clock.now()
@@ -489,6 +492,7 @@ class EvidenceLog:
             _write_all(self._checkpoints_fd, line)
             os.fdatasync(self._checkpoints_fd)
         except OSError as exc:
+            self._broken = f"checkpoint {size} could not be stored: {exc.strerror}"
             raise EvidenceError(
                 f"cannot write checkpoint {size} to "
                 f"{self.data_dir / CHECKPOINTS_FILE}: {exc.strerror}"

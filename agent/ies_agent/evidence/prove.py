@@ -39,7 +39,8 @@ from ies_agent.evidence.verify import (
 def build_bundle(path: Path, seq: int) -> dict[str, Any]:
     """Return the disclosure bundle of entry ``seq`` of the log at ``path``.
 
-    ``path`` is a data directory, a directory like the worked example, or a log file.
+    ``path`` is a data directory, a directory like the worked example, or the log
+    file of one (a lone log file has no checkpoints to prove with).
     The smallest checkpoint whose tree holds ``seq`` (and matches the log) is used.
     Raises ``ProofError`` when ``seq`` is outside the log, no checkpoint covers it
     yet, or the stored line is not entry ``seq``; ``VerifyInputError`` when there is

@@ -7,18 +7,26 @@ accepts
 * a data directory (``evidence.jsonl``, ``checkpoints.jsonl``, ``keys/key-card.json``),
 * a directory laid out like the worked example (``entries.jsonl``, ``*.note``,
   ``*.vkey``),
-* a log file (``*.jsonl``; checkpoints and keys are looked up beside it), or
+* the log file of such a directory (checkpoints and keys are taken from there; any
+  other log file needs ``--checkpoint`` and ``--key``: nothing is ever picked up from
+  the directory a lone file happens to be in), or
 * a disclosure bundle (JSON with ``entry``, ``leaf_index``, ``tree_size``, ``proof``,
-  ``checkpoint``).
+  ``checkpoint``): any ``*.json`` file, or a file whose first line starts with ``{``
+  but is no entry. A damaged bundle fails as ``bundle_malformed``; it is never read
+  as a log.
 
 It returns a :class:`Report` of :class:`Finding` s, each naming the ``seq`` it concerns.
 Errors are integrity failures: an entry whose bytes are not canonical or were altered,
-entries missing, duplicated or out of order, a checkpoint whose signature or root does
-not hold, checkpoints that shrink, a log shorter than a checkpoint signed earlier
-(rollback). Warnings are what a reader should know but that does not break the
-evidence: entries not yet covered by a checkpoint, a key taken from the directory
-instead of pinned, crash recoveries, interval slots without a reading (explained by a
-read error or an outage, or not), cumulative registers that go down, clock steps.
+entries missing, duplicated or out of order, lines that are no entry at all (named by
+line number: they add no entry), a checkpoint whose signature or root does not hold,
+checkpoints that shrink, a log shorter than a checkpoint signed earlier (rollback), a
+``checkpoint`` event without its signed note (``checkpoints.jsonl`` deleted, cut or
+edited). Warnings are what a reader should know but that does not break the evidence:
+entries not yet covered by a checkpoint, a key taken from the directory instead of
+pinned, a retired key that a pinned key vouched for, crash recoveries, the one note a
+crash can leave unsigned (that of the last checkpoint event before an unclean restart
+or at the end of the log), interval slots without a reading (explained by a read error
+or an outage, or not), cumulative registers that go down, clock steps.
 
 How an altered entry is named. Entries written by the agent carry ``prev``, the SHA-256
 of the line before; changing any byte of entry N changes its hash, so entry N+1's
@@ -106,9 +114,10 @@ class Finding:
     """Stable machine name, e.g. ``altered``, ``missing``, ``unprotected``."""
     message: str
 
-    def line(self) -> str:
-        """Return the finding as one human-readable line."""
-        where = f"seq {self.seq}" if self.seq is not None else "log"
+    def line(self, whole: str = "log") -> str:
+        """Return the finding as one human-readable line; ``whole`` names what a
+        finding without ``seq`` is about (``log`` or ``bundle``)."""
+        where = f"seq {self.seq}" if self.seq is not None else whole
         return f"{where}: {self.severity}: {self.message}"
 
     def to_json(self) -> dict[str, Any]:
@@ -129,7 +138,8 @@ class Report:
     kind: str
     """``log`` or ``bundle``."""
     entries: int = 0
-    """Complete entry lines read (a bundle has one)."""
+    """Complete entry lines read, lines that are no entry at all not counted (a
+    bundle has one)."""
     checkpoints: int = 0
     """Checkpoints read."""
     signed_size: int = 0
@@ -373,8 +383,8 @@ def _is_bundle_file(path: Path) -> bool:
 def _is_directory_log(path: Path) -> bool:
     """Tell whether the file ``path`` is the log of the directory it is in."""
     try:
-        return find_log(path.parent)[0] == path
-    except VerifyInputError:
+        return find_log(path.parent)[0].samefile(path)
+    except (VerifyInputError, OSError):
         return False
 
 
@@ -450,9 +460,11 @@ def _verify_open_log(
 
 def find_log(path: Path) -> tuple[Path, Path]:
     """Return (log file, directory with its checkpoints and keys) for ``path``, a
-    data directory, a worked-example-like directory or a log file.
+    data directory, a worked-example-like directory or the log file of one.
 
-    Raises ``VerifyInputError`` when there is no log there.
+    Raises ``VerifyInputError`` when there is no log there, or ``path`` is a file
+    that is not its directory's log: checkpoints and keys are never taken from
+    whatever directory a lone file happens to be in.
     """
     path = Path(path)
     if path.is_dir():
@@ -463,7 +475,13 @@ def find_log(path: Path) -> tuple[Path, Path]:
             f"{path} holds no evidence log ({LOG_FILE} or {EXAMPLE_LOG_FILE})"
         )
     if path.is_file():
-        return path, path.parent
+        if _is_directory_log(path):
+            return path, path.parent
+        raise VerifyInputError(
+            f"{path} is not the log of a data directory ({LOG_FILE} or "
+            f"{EXAMPLE_LOG_FILE}), so there are no checkpoints or keys beside it to "
+            "use: pass the data directory"
+        )
     raise VerifyInputError(f"{path} does not exist")
 
 
@@ -569,20 +587,25 @@ def _load_bundle(data: bytes) -> tuple[dict[str, Any] | None, str | None]:
         return None, "the file is not UTF-8 text"
     try:
         bundle = json.loads(text)
-    except ValueError as exc:
-        cut = " (the file ends early: cut short?)" if exc.pos >= len(text.rstrip()) else ""
-        return None, f"not JSON: {exc.msg} at line {exc.lineno} column {exc.colno}{cut}"
+    except json.JSONDecodeError as exc:
+        ended = exc.pos >= len(text.rstrip())
+        return None, (
+            f"not JSON: {exc.msg} at line {exc.lineno} column {exc.colno}"
+            + (" (the file ends early: cut short?)" if ended else "")
+        )
+    except RecursionError:
+        return None, "nested too deeply"
     if not isinstance(bundle, dict):
         return None, f"a JSON {type(bundle).__name__}, not an object"
     return bundle, _bundle_problem(bundle)
 
 
 _BUNDLE_FIELDS = (
-    ("entry", str, "the disclosed entry line (text)"),
-    ("leaf_index", int, "the entry's seq (integer)"),
-    ("tree_size", int, "the size of the signed tree (integer)"),
-    ("proof", list, "the inclusion proof (list of base64 hashes)"),
-    ("checkpoint", str, "the signed checkpoint note (text)"),
+    ("entry", str, "the disclosed entry line, as text"),
+    ("leaf_index", int, "the entry's seq, an integer"),
+    ("tree_size", int, "the size of the signed tree, an integer"),
+    ("proof", list, "the inclusion proof, a list of base64 hashes"),
+    ("checkpoint", str, "the signed checkpoint note, as text"),
 )
 
 
@@ -593,7 +616,7 @@ def _bundle_problem(bundle: Mapping[str, Any]) -> str | None:
             return f"no '{name}' ({what})"
         value = bundle[name]
         if (kind is int and not _is_int(value)) or not isinstance(value, kind):
-            return f"'{name}' must be {what}, got {type(value).__name__}"
+            return f"'{name}' must be {what}; it is a {type(value).__name__}"
     return None
 
 
@@ -732,20 +755,27 @@ def _not_an_entry(raw: bytes) -> tuple[str | None, int]:
     """Look closer at a line that is not a canonical entry.
 
     Returns (what it is, ``_NONE``) for a line that is no entry at all (blank, not
-    JSON, JSON but no object), else (``None``, the ``seq`` it declares or
-    ``_NONE``): an altered entry that still says where it belongs.
+    JSON and nothing like an entry, JSON but no object), else (``None``, the ``seq``
+    it declares or ``_NONE``): an altered entry, which may still say where it
+    belongs.
     """
     if not raw.strip():
         return "a blank line", _NONE
     try:
         value = json.loads(raw)
     except (ValueError, RecursionError):
+        # A flipped byte breaks the JSON of an entry, not its "seq" field.
+        found = _SEQ_FIELD.findall(raw)
+        if raw.startswith(b"{") and len(found) == 1:
+            return None, int(found[0])
         return "not JSON", _NONE
     if not isinstance(value, dict):
         return f"a JSON {type(value).__name__}, not an object", _NONE
     seq = value.get("seq")
     return None, seq if type(seq) is int and seq >= 0 else _NONE
 
+
+_SEQ_FIELD = re.compile(rb'"seq":([0-9]{1,15})[,}]')
 
 _Pending = tuple[bytes, bytes, dict[str, Any] | None, int, str | None, str | None]
 """A line waiting for its successor: raw, leaf, entry, declared seq, parse error,
@@ -754,6 +784,8 @@ what it is when no entry at all."""
 
 _NONE = -1
 """Stands for "no value" in the per-line integer arrays."""
+_END = -2
+"""Stands for the seq of the line after the last."""
 _MAX_JUMP = 1_000_000
 """A ``seq`` further ahead than this is an altered field, not a gap."""
 
@@ -851,8 +883,8 @@ class _LogCheck:
         self._resolve_chain()
         self._check_checkpoints()
         report = self.report
-        report.entries = self.count
-        report.checkpoints = len(self.records)
+        report.entries = self.count - len(self.inserted)
+        report.checkpoints = sum(1 for record in self.records if record.note)
         report.trusted_keys = [v.label for v in self.trusted]
         report.findings = sorted(
             self.findings,
@@ -915,7 +947,7 @@ class _LogCheck:
                 self.roots[frontier.size] = frontier.root()
             pending = (raw, leaf, entry, declared, error, junk)
         if pending is not None:
-            self._line(*pending, _NONE, entries)
+            self._line(*pending, _END, entries)
         entries.finish(self.count)
         self._report_inserted()
         if self._torn:
@@ -941,7 +973,11 @@ class _LogCheck:
         pos = self.count
         self.count += 1
         expected = len(self.seen)
-        if junk is not None and next_declared != expected + 1:
+        # The last line replaced an entry when a checkpoint counts an entry there.
+        replaced = next_declared == expected + 1 or (
+            next_declared == _END and pos < max(self.noted, default=0)
+        )
+        if junk is not None and not replaced:
             # No entry, and no entry is missing here (the next line is the one
             # expected, or the log ends): the line was inserted.
             self.leaves += leaf
@@ -1191,21 +1227,24 @@ class _LogCheck:
         count = self.count
         rotations = self.rotations
         opened: list[tuple[CheckpointRecord, note.Checkpoint | None]] = []
-        origin: str | None = None
         for record in self.records:
-            checkpoint = self._open(record, rotations, opened)
-            if checkpoint is not None:
-                if origin is None:
-                    origin = checkpoint.origin
-                elif checkpoint.origin != origin:
-                    self.add(
-                        checkpoint.size - 1 if checkpoint.size else None,
-                        ERROR,
-                        "checkpoint_origin",
-                        f"{record.where}: checkpoint names log {checkpoint.origin!r}, "
-                        f"earlier ones {origin!r}",
-                    )
-            opened.append((record, checkpoint))
+            opened.append((record, self._open(record, rotations, opened)))
+        self._vouch_retired_keys(opened)
+        self._report_untrusted()
+        origin: str | None = None
+        for record, checkpoint in opened:
+            if checkpoint is None:
+                continue
+            if origin is None:
+                origin = checkpoint.origin
+            elif checkpoint.origin != origin:
+                self.add(
+                    checkpoint.size - 1 if checkpoint.size else None,
+                    ERROR,
+                    "checkpoint_origin",
+                    f"{record.where}: checkpoint names log {checkpoint.origin!r}, "
+                    f"earlier ones {origin!r}",
+                )
 
         references: list[tuple[CheckpointRecord, note.Checkpoint]] = []
         for record in self.references:
@@ -1270,6 +1309,9 @@ class _LogCheck:
         for record, checkpoint in references:
             self._check_reference(record, checkpoint, roots, largest)
 
+        if self._check_notes_present():
+            return
+        top = len(self.seen) - 1  # the highest seq in the log
         if not self.records:
             if count:
                 self.add(
@@ -1279,16 +1321,80 @@ class _LogCheck:
                     f"no checkpoint found: none of the {count} entries is "
                     "protected by a signature",
                 )
-        elif largest < count:
-            start, end = largest, count - 1
+        elif largest <= top:
+            # By seq, not by line: a duplicated or inserted line adds no entry.
+            what = "a trusted checkpoint" if self.untrusted else "a checkpoint yet"
+            after = f" ({top - largest + 1} after the last one)" if largest else ""
             self.add(
-                self.labels[start],
+                largest,
                 WARNING,
                 "unprotected",
-                f"{_seq_range(start, end)} not covered by a checkpoint yet "
-                f"({end - start + 1} after the last one): not yet protected by a "
-                "signature",
+                f"{_seq_range(largest, top)} not covered by {what}{after}: not yet "
+                "protected by a signature",
             )
+
+    def _check_notes_present(self) -> bool:
+        """Check that every ``checkpoint`` event has its signed note (size seq + 1).
+
+        The agent appends the event, then signs and stores the note: a crash in
+        between leaves the last checkpoint event of that run without a note. That
+        event is the last entry of the log, or the next entry is a ``boot`` saying
+        the agent stopped uncleanly; such a note is a warning, any other missing note
+        an error. Returns True when the whole checkpoints file is missing (one error
+        says so; nothing else about coverage is worth saying then).
+        """
+        events = self.checkpoint_events
+        if not events:
+            return False
+        if self.missing_file is not None and not self.records:
+            self.add(
+                None,
+                ERROR,
+                "checkpoints_missing",
+                f"{self.missing_file} does not exist, but the log holds "
+                f"{len(events)} checkpoint event(s) (the first at seq {events[0][1]}) "
+                "whose signed notes it kept: it was deleted or not copied, so no "
+                "entry can be checked against a signature",
+            )
+            return True
+        missing = []
+        for pos, seq in events:
+            if seq + 1 in self.noted:
+                continue
+            if pos in self.unclean_after or pos == self.last_entry_pos:
+                after = (
+                    "the next boot reports an unclean shutdown"
+                    if pos in self.unclean_after
+                    else "it is the last entry of the log"
+                )
+                self.add(
+                    seq,
+                    WARNING,
+                    "checkpoint_unsigned",
+                    f"checkpoint event has no signed note: the agent stopped between "
+                    f"logging and signing it ({after}); its entries are left to the "
+                    "next checkpoint",
+                )
+            else:
+                missing.append(seq)
+        for seq in missing[:_LISTED]:
+            self.add(
+                seq,
+                ERROR,
+                "checkpoint_note_missing",
+                f"checkpoint event at seq {seq} has no signed note: "
+                f"{CHECKPOINTS_FILE} was edited, cut or deleted",
+            )
+        rest = missing[_LISTED:]
+        if rest:
+            self.add(
+                rest[0],
+                ERROR,
+                "checkpoint_note_missing",
+                f"{len(rest)} more checkpoint events (seq {rest[0]}..{rest[-1]}) have "
+                f"no signed note either: {CHECKPOINTS_FILE} was edited, cut or deleted",
+            )
+        return False
 
     def _open(
         self,
@@ -1296,14 +1402,19 @@ class _LogCheck:
         rotations: list[tuple[int, str, str]],
         opened: list[tuple[CheckpointRecord, note.Checkpoint | None]],
     ) -> note.Checkpoint | None:
-        """Check one checkpoint's signatures and body; trust keys handed over."""
+        """Check one checkpoint's signatures and body; trust keys handed over.
+
+        A checkpoint no trusted key signed is set aside in ``untrusted`` (reported
+        together, see ``_report_untrusted``).
+        """
         seq = record.declared_size - 1 if record.declared_size else None
         if not record.note:
             self.add(
                 seq,
                 ERROR,
                 "checkpoint_malformed",
-                f"{record.where}: not a checkpoint record ({{'note', 'size'}})",
+                f"{record.where}: not a checkpoint record ({record.problem}); each "
+                "line must be a JSON object with 'note' (the signed note) and 'size'",
             )
             return None
         self._trust_handovers(rotations, opened)
@@ -1315,24 +1426,24 @@ class _LogCheck:
             return None
         seq = checkpoint.size - 1 if checkpoint.size else None
         if not result.verified_by:
-            self.add(
-                seq,
-                ERROR,
-                "checkpoint_untrusted",
-                f"{record.where}: checkpoint of {checkpoint.size} entries is not "
-                f"signed by a trusted key ({result.unknown_sigs} signature(s) by "
-                "other keys)",
+            self.untrusted.append(
+                (len(opened), record, checkpoint, result.unknown_sigs)
             )
             return None
+        self._check_declared_size(record, checkpoint)
+        return checkpoint
+
+    def _check_declared_size(
+        self, record: CheckpointRecord, checkpoint: note.Checkpoint
+    ) -> None:
         if record.declared_size is not None and record.declared_size != checkpoint.size:
             self.add(
-                seq,
+                checkpoint.size - 1 if checkpoint.size else None,
                 ERROR,
                 "checkpoint_size_mismatch",
                 f"{record.where}: record says size {record.declared_size}, the signed "
                 f"checkpoint says {checkpoint.size}",
             )
-        return checkpoint
 
     def _trust_handovers(
         self,
@@ -1352,6 +1463,119 @@ class _LogCheck:
                 except NoteError:
                     continue
                 labels.add(new)
+
+    def _vouch_retired_keys(
+        self, opened: list[tuple[CheckpointRecord, note.Checkpoint | None]]
+    ) -> None:
+        """Check checkpoints signed by a key the user did not give but a given key
+        vouched for: the old key of a rotation whose ``key_rotation`` event (naming
+        a trusted new key) a trusted checkpoint covers.
+
+        The old key is used only for checkpoints up to the first trusted one over
+        the rotation (the hand-over, which both keys sign): a retired key may have
+        been retired because it leaked, so it proves nothing signed after that.
+        Reports one warning per key so used.
+        """
+        known = {v.vkey for v in self.trusted}
+        changed = True
+        while changed and self.untrusted:
+            changed = False
+            for pos, old, new in self.rotations:
+                if old in known or new not in known:
+                    continue
+                covering = [c.size for _, c in opened if c is not None and c.size > pos]
+                if not covering:
+                    continue
+                try:
+                    verifier = note.parse_vkey(old)
+                except NoteError:
+                    continue
+                known.add(old)
+                changed = True
+                limit = min(covering)
+                sizes = self._open_with(verifier, limit, opened)
+                if sizes:
+                    self.add(
+                        self.labels[pos],
+                        WARNING,
+                        "key_vouched",
+                        f"{_count(len(sizes), 'checkpoint')} (sizes {sizes[0]}.."
+                        f"{sizes[-1]}) are signed by {verifier.label}, a key not "
+                        "given: the key before this key_rotation event, which a "
+                        f"given key signed over (checkpoint of {limit} entries). To "
+                        "pin it as well, pass the key card (keys/key-card.json), "
+                        "which lists retired keys",
+                    )
+
+    def _open_with(
+        self,
+        verifier: note.NoteVerifier,
+        limit: int,
+        opened: list[tuple[CheckpointRecord, note.Checkpoint | None]],
+    ) -> list[int]:
+        """Open the untrusted checkpoints of at most ``limit`` entries again, now
+        trusting ``verifier`` too; return the sizes it verified."""
+        verified = []
+        remaining = []
+        for item in self.untrusted:
+            index, record, checkpoint, _ = item
+            if checkpoint.size > limit:
+                remaining.append(item)
+                continue
+            try:
+                result = note.open_note(record.note, [*self.trusted, verifier])
+            except NoteError as exc:
+                seq = checkpoint.size - 1 if checkpoint.size else None
+                self.add(seq, ERROR, "checkpoint_signature", f"{record.where}: {exc}")
+                continue
+            if not result.verified_by:
+                remaining.append(item)
+                continue
+            self._check_declared_size(record, checkpoint)
+            opened[index] = (record, checkpoint)
+            verified.append(checkpoint.size)
+        self.untrusted = remaining
+        return sorted(verified)
+
+    def _report_untrusted(self) -> None:
+        """Report the checkpoints no trusted key signed, in one finding."""
+        if not self.untrusted:
+            return
+        items = self.untrusted
+        first, last = items[0], items[-1]
+        others = sum(unknown for *_, unknown in items)
+        if len(items) == 1:
+            what = (
+                f"{first[1].where}: checkpoint of {first[2].size} entries is not "
+                "signed by a trusted key"
+            )
+        else:
+            sizes = sorted(checkpoint.size for _, _, checkpoint, _ in items)
+            what = (
+                f"{len(items)} checkpoints ({_where_range(first[1], last[1])}, "
+                f"sizes {sizes[0]}..{sizes[-1]}) are not signed by a trusted key"
+            )
+        hint = (
+            "; if the gateway's key was rotated, pass its key card "
+            "(keys/key-card.json), which lists retired keys, or the earlier key "
+            "with another --key"
+        )
+        for pos, old, _ in self.rotations:
+            try:
+                label = note.parse_vkey(old).label
+            except NoteError:
+                continue
+            hint += (
+                f" (the key_rotation event at seq {self.labels[pos]} names the "
+                f"earlier key {label})"
+            )
+            break
+        self.add(
+            first[2].size - 1 if first[2].size else None,
+            ERROR,
+            "checkpoint_untrusted",
+            f"{what} ({_count(others, 'signature')} by keys not given){hint}",
+        )
 
     def _open_reference(self, record: CheckpointRecord) -> note.Checkpoint | None:
         try:
@@ -1414,13 +1638,24 @@ class _LogCheck:
             else ""
         )
         named = sorted({seq for pos, seq in self.blamed.items() if low <= pos < size})
+        added = [pos + 1 for pos, _ in self.inserted if low <= pos < size]
         seq = last = self.labels[size - 1]
-        if named:
-            seq = named[0]
-            where = ", ".join(str(s) for s in named[:10])
+        if named or added:
+            seq = named[0] if named else self.labels[added[0] - 1]
+            where = []
+            if named:
+                where.append("seq " + ", ".join(str(s) for s in named[:10]))
+            if added:
+                lines = ", ".join(str(n) for n in added[:10])
+                what = (
+                    "lines {} (not entries)"
+                    if len(added) > 1
+                    else "line {} (not an entry)"
+                )
+                where.append(what.format(lines))
             message = (
                 f"checkpoint of {size} entries does not match the log (root differs): "
-                f"see seq {where}{later}"
+                f"see {' and '.join(where)}{later}"
             )
         else:
             first_without = bisect.bisect_left(self.no_prev, max(low, 1))
@@ -1441,6 +1676,24 @@ class _LogCheck:
                     f"entries carry no 'prev', so which one cannot be told){later}"
                 )
         self.add(seq, ERROR, "checkpoint_root", message)
+
+
+_LISTED = 10
+"""Missing notes named one by one; more are summed up in one finding."""
+
+
+def _where_range(first: CheckpointRecord, last: CheckpointRecord) -> str:
+    """Return ``checkpoints.jsonl lines 1..41`` (or ``A to B`` for other files)."""
+    head, _, start = first.where.rpartition(" line ")
+    other, _, end = last.where.rpartition(" line ")
+    if head and head == other:
+        return f"{head} lines {start}..{end}"
+    return f"{first.where} to {last.where}"
+
+
+def _count(n: int, noun: str) -> str:
+    """Return ``1 checkpoint`` or ``3 checkpoints``."""
+    return f"{n} {noun}{'s' * (n != 1)}"
 
 
 def _seq_range(first: int, last: int) -> str:

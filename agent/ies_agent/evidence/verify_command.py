@@ -1,9 +1,19 @@
 """``ies-agent verify PATH [--key FILE ...] [--checkpoint FILE ...] [--json]``.
 
-Verifies an evidence log (data directory, log file, or a directory like the worked
-example) or a disclosure bundle offline and prints one line per finding, then a
-summary. Exit status: 0 verified (warnings allowed), 1 an integrity failure, 2 a usage
-error (PATH or a key file unusable).
+Verifies an evidence log (data directory, the log file of one, or a directory like the
+worked example) or a disclosure bundle offline and prints one line per finding, then a
+summary. Exit status:
+
+- 0: verified (warnings allowed);
+- 1: an integrity failure, including a bundle file that is damaged (empty, cut short,
+  not JSON, a field missing: "not a valid proof bundle: ..."), since a bundle is
+  evidence too;
+- 2: a usage error: PATH missing or unreadable, neither a log nor a bundle, a log file
+  outside its data directory given without --checkpoint and --key, or a key or
+  checkpoint file that cannot be used.
+
+A ``*.json`` file (or one starting with ``{`` that is no log) is always read as a
+bundle, never as a log, and nothing is taken from the directory it is in.
 """
 
 from __future__ import annotations
@@ -59,6 +69,6 @@ def main(args: argparse.Namespace) -> int:
         print(json.dumps(report.to_json(), indent=1, ensure_ascii=False))
     else:
         for finding in report.findings:
-            print(finding.line())
+            print(finding.line(report.kind))
         print(report.summary())
     return 0 if report.ok else 1

@@ -141,6 +141,7 @@ class UpstreamLink:
         call_timeout_s: float,
         reconnect_max_s: float,
         on_event: Callable[[str, dict[str, Any]], None] | None = None,
+        on_connected: Callable[[bool], None] | None = None,
     ) -> None:
         self.hub = hub
         self.csms = csms
@@ -150,6 +151,7 @@ class UpstreamLink:
         self.call_timeout_s = call_timeout_s
         self.reconnect_max_s = reconnect_max_s
         self._on_event = on_event
+        self._on_connected = on_connected
         self.conn: RpcConnection | None = None
         self._ready = False
         self._wake = asyncio.Event()
@@ -332,7 +334,7 @@ class UpstreamLink:
         self._reader = asyncio.create_task(
             self._read(self.conn), name=f"ocpp:{self.hub.charger_id}:csms-reader"
         )
-        self.stats.connected = True
+        self._connected(True)
         self.stats.version = version.value
         if self.stats.outage_since_ms is not None:
             log.info(
@@ -354,7 +356,7 @@ class UpstreamLink:
             await conn.run()
         finally:
             self._set_ready(False)
-            self.stats.connected = False
+            self._connected(False)
             self._wake.set()
 
     async def _boot(self, version: OcppVersion) -> None:
@@ -456,7 +458,7 @@ class UpstreamLink:
         if reader is not None:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await asyncio.wait_for(reader, 5)
-        self.stats.connected = False
+        self._connected(False)
 
     async def _sleep_until_woken(
         self, timeout_s: float | None, conn: RpcConnection | None = None
@@ -479,6 +481,11 @@ class UpstreamLink:
         """Back off for ``seconds`` (news does not cut it short; stopping does)."""
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._stopped.wait(), seconds)
+
+    def _connected(self, connected: bool) -> None:
+        self.stats.connected = connected
+        if self._on_connected is not None:
+            self._on_connected(connected)
 
     def _set_ready(self, ready: bool) -> None:
         self._ready = ready

@@ -281,6 +281,7 @@ class CentralSystem:
                 call_timeout_s=self.config.call_timeout_s,
                 reconnect_max_s=self.reconnect_max_s,
                 on_event=hub.record_event,
+                on_connected=hub.csms_connected,
             )
             hub.status.csms_connected = False
         self.hubs[charger.id] = hub

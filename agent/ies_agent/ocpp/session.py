@@ -408,6 +408,10 @@ class ChargerHub:
             self._evidence_failed(exc)
             return None
 
+    def csms_connected(self, connected: bool) -> None:
+        """The CSMS link came up or went down (for the status page)."""
+        self.status.csms_connected = connected
+
     def record_event(self, ev: str, fields: dict[str, Any]) -> None:
         """Append an event (for the CSMS link's reports)."""
         self.record(ev, fields)
