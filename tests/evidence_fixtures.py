@@ -102,7 +102,7 @@ class LogBuilder:
         body = base64.b64decode(vkey.split("+", 2)[2])
         # Same fields as ies_agent.evidence.keys.make_key_card writes.
         ecdsa = body[0] == note.ALG_ECDSA_P256
-        card = {
+        card: dict[str, Any] = {
             "gateway_id": "GW-TEST",
             "origin": self.origin,
             "alg": "ECDSA-P256-SHA256" if ecdsa else "Ed25519",

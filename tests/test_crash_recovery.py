@@ -7,6 +7,7 @@ are real: a writer process (``tests/peers/evidence_writer.py``) is killed with S
 
 from __future__ import annotations
 
+import errno
 import os
 import random
 import shutil
@@ -26,7 +27,10 @@ from evidence_log_fixtures import (
     spawn_writer,
 )
 from ies_agent.clock import OffsetClock
+from ies_agent.evidence import log as evidence_log
+from ies_agent.evidence.errors import EvidenceError
 from ies_agent.evidence.log import EvidenceLog
+from ies_agent.evidence.verify import Finding, verify_path
 
 
 @pytest.fixture
@@ -176,6 +180,89 @@ def test_torn_checkpoint_line_is_cut(
         assert len(checkpoint_lines(work)) == 2  # the one kept + the closing one
         check_log(work, run_verifier=False)
         shutil.rmtree(work)
+
+
+def die(*args: object, **kwargs: object) -> str:
+    raise SystemExit("killed")
+
+
+def verify_findings(data_dir: Path) -> dict[str, list[Finding]]:
+    """Run the verifier with the key card; fail on errors; return warnings by code."""
+    report = verify_path(data_dir, keys=[data_dir / "keys" / "key-card.json"])
+    assert report.ok, [f.line() for f in report.errors]
+    found: dict[str, list[Finding]] = {}
+    for finding in report.warnings:
+        found.setdefault(finding.code, []).append(finding)
+    return found
+
+
+@pytest.mark.parametrize("closing", [False, True], ids=["interval", "at-close"])
+def test_crash_between_checkpoint_event_and_note(
+    crashed_log: Path,
+    clock: OffsetClock,
+    monkeypatch: pytest.MonkeyPatch,
+    closing: bool,
+) -> None:
+    # Fault injection: the agent dies after appending (and fsyncing) the checkpoint
+    # event, before its note is signed and stored.
+    log = open_log(crashed_log, clock)
+    log.append_reading(make_reading(clock))
+    with monkeypatch.context() as patch:
+        patch.setattr(evidence_log, "sign_note", die)
+        with pytest.raises(SystemExit):
+            log.close() if closing else log.checkpoint()
+    log._release()
+    unsigned = len(log_lines(crashed_log)) - 1
+    assert entries(crashed_log)[unsigned]["ev"] == "checkpoint"
+    assert checkpoint_lines(crashed_log)[-1]["size"] < unsigned + 1
+    # The verifier sees a crash, not an edit: a warning at the end of the log.
+    assert verify_findings(crashed_log)["checkpoint_unsigned"][0].seq == unsigned
+
+    # The next start accepts it, leaves it unsigned and says so in its boot event.
+    with open_log(crashed_log, clock) as log:
+        log.append_reading(make_reading(clock))
+    boot = boot_event(crashed_log, 3)
+    assert boot["seq"] == unsigned + 1
+    assert boot["prev_shutdown"] == "unclean"  # even after a shutdown entry
+    assert boot["unsigned_checkpoint"] == unsigned
+    check_log(crashed_log, run_verifier=False)
+    warned = verify_findings(crashed_log)
+    assert [f.seq for f in warned["checkpoint_unsigned"]] == [unsigned]
+    assert "next boot reports an unclean shutdown" in (
+        warned["checkpoint_unsigned"][0].message
+    )
+
+    # Later starts still accept it, and record it only once.
+    with open_log(crashed_log, clock):
+        pass
+    assert "unsigned_checkpoint" not in boot_event(crashed_log, 4)
+    verify_findings(crashed_log)
+
+
+def test_checkpoint_that_cannot_be_stored_stops_the_log(
+    crashed_log: Path, clock: OffsetClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A note that cannot be written (disk full) must stay the last checkpoint event
+    # without a note: the log takes nothing more until a restart.
+    log = open_log(crashed_log, clock)
+    write_all = evidence_log._write_all
+
+    def full(fd: int, data: bytes) -> None:
+        if fd == log._checkpoints_fd:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        write_all(fd, data)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(evidence_log, "_write_all", full)
+        with pytest.raises(EvidenceError, match="No space left"):
+            log.checkpoint()
+    with pytest.raises(EvidenceError, match="restart the agent"):
+        log.append_reading(make_reading(clock))
+    log.close()  # releases only
+    with open_log(crashed_log, clock):
+        pass
+    assert "unsigned_checkpoint" in boot_event(crashed_log, 3)
+    verify_findings(crashed_log)
 
 
 def kill_writer_at_random(data_dir: Path, rng: random.Random) -> int:

@@ -18,7 +18,9 @@ from evidence_log_fixtures import (
     b64_sha256,
     check_log,
     checkpoint_lines,
+    cut_checkpoints,
     entries,
+    forge,
     key_card,
     log_lines,
     make_reading,
@@ -33,7 +35,7 @@ from ies_agent.evidence.errors import (
     LogLockedError,
     LogRollbackError,
 )
-from ies_agent.evidence.log import EvidenceLog
+from ies_agent.evidence.log import EvidenceLog, UnsignedHistoryError
 from ies_drivers.reading import Reading, ReadingState
 
 
@@ -370,6 +372,100 @@ def test_altered_checkpointed_entry_is_refused(
         log.append_reading(make_reading(clock, value="100.000"))
     data = (tmp_path / "evidence.jsonl").read_bytes()
     (tmp_path / "evidence.jsonl").write_bytes(data.replace(b"100.000", b"900.000"))
+    with pytest.raises(LogRollbackError, match="do not match the root"):
+        open_log(tmp_path, clock)
+
+
+def _closed_log(data_dir: Path, clock: OffsetClock, checkpoints: int = 4) -> None:
+    """A log of a clean run: readings, ``checkpoints`` interval checkpoints, close."""
+    with open_log(data_dir, clock) as log:
+        for index in range(checkpoints):
+            log.append_reading(make_reading(clock, value=f"{100 + index}.000"))
+            log.checkpoint()
+
+
+def test_forged_log_with_checkpoints_deleted_is_refused(
+    tmp_path: Path, clock: OffsetClock
+) -> None:
+    # The newcomer's attack: rewrite a value, recompute every prev, delete the
+    # signatures. The writer must not sign a checkpoint over that history.
+    _closed_log(tmp_path, clock)
+    forge(tmp_path, b'"val":"101.000"', b'"val":"901.000"')
+    (tmp_path / "checkpoints.jsonl").unlink()
+    before = (tmp_path / "evidence.jsonl").read_bytes()
+    with pytest.raises(UnsignedHistoryError) as refused:
+        open_log(tmp_path, clock)
+    message = str(refused.value)
+    assert "checkpoints.jsonl is missing" in message
+    assert "5 checkpoint event(s) (the first at seq 2)" in message
+    assert "Restore checkpoints.jsonl from a backup" in message
+    assert "move" in message and "aside" in message
+    assert isinstance(refused.value, LogRollbackError)
+    assert (tmp_path / "evidence.jsonl").read_bytes() == before
+    assert not (tmp_path / "checkpoints.jsonl").exists()
+
+
+@pytest.mark.parametrize("cut", [2, 3])
+def test_checkpoints_cut_by_lines_are_refused(
+    tmp_path: Path, clock: OffsetClock, cut: int
+) -> None:
+    _closed_log(tmp_path, clock)
+    events = [e["seq"] for e in entries(tmp_path) if e.get("ev") == "checkpoint"]
+    cut_checkpoints(tmp_path, cut)
+    with pytest.raises(UnsignedHistoryError) as refused:
+        open_log(tmp_path, clock)
+    first = events[-cut]
+    assert f"checkpoint event at seq {first} of" in str(refused.value)
+    assert f"signed note (size {first + 1})" in str(refused.value)
+    if cut > 2:
+        assert f"(and {cut - 2} more, up to seq {events[-2]})" in str(refused.value)
+
+
+def test_forged_notes_are_refused(tmp_path: Path, clock: OffsetClock) -> None:
+    _closed_log(tmp_path, clock)
+    forge(tmp_path, b'"val":"101.000"', b'"val":"901.000"')
+    # Roots recomputed for the forged log, signatures kept: only the key can sign.
+    lines = log_lines(tmp_path)
+    path = tmp_path / "checkpoints.jsonl"
+    records = checkpoint_lines(tmp_path)
+    for record in records:
+        text, _ = note.split_note(record["note"])
+        body = note.parse_checkpoint(text)
+        root = merkle.root_from_leaves(
+            [merkle.leaf_hash(line) for line in lines[: body.size]]
+        )
+        forged = note.checkpoint_text(body.origin, body.size, root)
+        record["note"] = forged + record["note"][len(text) :]
+    path.write_bytes(b"".join(canonical.canonical_bytes(r) + b"\n" for r in records))
+    with pytest.raises(UnsignedHistoryError, match=r"newest checkpoint .* does not"):
+        open_log(tmp_path, clock)
+
+
+def test_checkpoint_record_that_is_no_note_is_refused(
+    tmp_path: Path, clock: OffsetClock
+) -> None:
+    _closed_log(tmp_path, clock)
+    path = tmp_path / "checkpoints.jsonl"
+    records = checkpoint_lines(tmp_path)
+    records[1]["note"] = "a note that is not one"
+    path.write_bytes(b"".join(canonical.canonical_bytes(r) + b"\n" for r in records))
+    with pytest.raises(UnsignedHistoryError, match=r"record 2 of .* is not a signed"):
+        open_log(tmp_path, clock)
+
+
+def test_older_checkpoint_with_another_root_is_refused(
+    tmp_path: Path, clock: OffsetClock
+) -> None:
+    # Not only the newest note: every note must match the log at its size.
+    _closed_log(tmp_path, clock)
+    path = tmp_path / "checkpoints.jsonl"
+    records = checkpoint_lines(tmp_path)
+    text, _ = note.split_note(records[1]["note"])
+    body = note.parse_checkpoint(text)
+    records[1]["note"] = records[1]["note"].replace(
+        text, note.checkpoint_text(body.origin, body.size, bytes(32))
+    )
+    path.write_bytes(b"".join(canonical.canonical_bytes(r) + b"\n" for r in records))
     with pytest.raises(LogRollbackError, match="do not match the root"):
         open_log(tmp_path, clock)
 

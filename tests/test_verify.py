@@ -26,6 +26,7 @@ from evidence_fixtures import (
     run_cli,
     standard_log,
 )
+from evidence_log_fixtures import cut_checkpoints, forge
 from ies_agent.evidence import canonical, note, verify_command
 from ies_agent.evidence.verify import Report, VerifyInputError, verify_path
 
@@ -203,6 +204,65 @@ def test_tampered_bundle_fails(tmp_path: Path, change: Any, code: str) -> None:
     report = verify_path(path, keys=[EXAMPLE / "log_key.vkey"])
     assert not report.ok
     assert [f.code for f in report.errors] == [code]
+
+
+def _without_entry(text: str) -> str:
+    return json.dumps({k: v for k, v in json.loads(text).items() if k != "entry"})
+
+
+@pytest.mark.parametrize(
+    ("name", "damage", "what"),
+    [
+        ("inclusion_bundle_seq3.json", lambda text: "", "the file is empty"),
+        (
+            "inclusion_bundle_seq3.json",
+            lambda text: text[: len(text) // 2],
+            "not JSON: Expecting value at line 8 column 3 (the file ends early",
+        ),
+        ("inclusion_bundle_seq3.json", _without_entry, "no 'entry' (the disclosed"),
+        ("bundle.txt", _without_entry, "no 'entry' (the disclosed"),
+    ],
+    ids=["emptied", "cut-in-half", "no-entry", "no-entry-no-suffix"],
+)
+def test_damaged_bundle_is_never_read_as_a_log(
+    example: Path,
+    capsys: pytest.CaptureFixture[str],
+    name: str,
+    damage: Any,
+    what: str,
+) -> None:
+    # The directory holds a log and a note: a damaged bundle must not fall back to
+    # them (it did, and verified "OK").
+    bundle = example / name
+    published = (EXAMPLE / "inclusion_bundle_seq3.json").read_text()
+    bundle.write_text(damage(published))
+    for key in ([], ["--key", example / "log_key.vkey"]):
+        status, out, err = run_cli(capsys, "verify", bundle, *key)
+        assert status == 1, err
+        first, last = out.splitlines()[0], out.splitlines()[-1]
+        assert first.startswith(f"bundle: error: not a valid proof bundle: {what}")
+        assert last.startswith("FAILED: 1 error") and "disclosure bundle" in last
+
+
+def test_lone_log_file_takes_nothing_from_its_directory(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    lone = tmp_path / "copy.jsonl"
+    shutil.copy(EXAMPLE / "entries.jsonl", lone)
+    shutil.copy(EXAMPLE / "checkpoint.note", tmp_path / "stray.note")
+    key = EXAMPLE / "log_key.vkey"
+    status, _, err = run_cli(capsys, "verify", lone, "--key", key)
+    assert status == 2 and "--checkpoint FILE" in err
+    checkpoint = EXAMPLE / "checkpoint.note"
+    status, out, _ = run_cli(
+        capsys, "verify", lone, "--key", key, "--checkpoint", checkpoint
+    )
+    assert status == 0, out
+    # The log file of a directory is verified as that directory.
+    status, out, _ = run_cli(capsys, "verify", EXAMPLE / "entries.jsonl", "--key", key)
+    assert status == 0 and "7 entries, 1 checkpoints" in out
+    status, _, err = run_cli(capsys, "prove", lone, "--seq", 3)
+    assert status == 2 and "not the log of a data directory" in err
 
 
 def test_compact_bundle_is_recognised(tmp_path: Path) -> None:
@@ -481,6 +541,61 @@ def test_key_rotation_hands_trust_to_the_new_key(tmp_path: Path) -> None:
     assert not verify_path(builder.dir, keys=[key]).ok
 
 
+def _rotated_log(tmp_path: Path) -> tuple[LogBuilder, Any, Any]:
+    """A log whose key was rotated after 12 checkpoints; returns (builder, old,
+    new signer)."""
+    old = example_p256_signer("ies-agent/GW-TEST/log-1")
+    new = example_ed25519_signer("ies-agent/GW-TEST/log-1")
+    builder = LogBuilder(tmp_path / "data", signers=[old])
+    builder.boot_event()
+    builder.interval_readings(["m1"], lambda s, k: f"{k}.0", 12)
+    builder.event("key_rotation", old_vkey=old.vkey(), new_vkey=new.vkey())
+    builder.checkpoint()  # under the old key
+    builder.signers = [new, old]
+    builder.interval_readings(["m1"], lambda s, k: f"{k + 12}.0", 1)  # both keys
+    builder.signers = [new]
+    builder.interval_readings(["m1"], lambda s, k: f"{k + 13}.0", 2)
+    return builder, old, new
+
+
+def test_pinning_only_the_new_key_after_a_rotation(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    builder, old, new = _rotated_log(tmp_path)
+    new_key = builder.vkey_file(tmp_path / "new.vkey", index=0)
+    new_key.write_text(new.vkey() + "\n")
+    report = verify_path(builder.dir, keys=[new_key])
+    # The new key signed over the rotation event naming the old key: one warning.
+    (finding,) = report.findings
+    assert finding.code == "key_vouched" and finding.severity == "warning"
+    assert "13 checkpoints (sizes" in finding.message
+    assert "keys/key-card.json" in finding.message
+    assert report.signed_size == len(builder.lines)
+    # The old key proves nothing signed after the hand-over.
+    builder.signers = [old]
+    builder.interval_readings(["m1"], lambda s, k: f"{k + 20}.0", 1)
+    report = verify_path(builder.dir, keys=[new_key])
+    assert [f.code for f in report.errors] == ["checkpoint_untrusted"]
+    # A key that signed nothing here: one error for all checkpoints, with a hint.
+    foreign = tmp_path / "foreign.vkey"
+    foreign.write_text(
+        note.Ed25519NoteSigner(
+            "ies-agent/GW-TEST/log-1",
+            ed25519.Ed25519PrivateKey.from_private_bytes(bytes(32)),
+        ).vkey()
+        + "\n"
+    )
+    status, out, _ = run_cli(capsys, "verify", builder.dir, "--key", foreign)
+    assert status == 1
+    errors = [line for line in out.splitlines() if ": error: " in line]
+    assert len(errors) == 1
+    assert "17 checkpoints (checkpoints.jsonl lines 1..17" in errors[0]
+    assert (
+        "pass its key card (keys/key-card.json), which lists retired keys"
+        in (errors[0])
+    )
+
+
 def test_unprotected_tail_is_a_warning(
     built: LogBuilder, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -501,6 +616,152 @@ def test_log_without_checkpoints_warns(tmp_path: Path) -> None:
     builder.reading("m1", "1.0")
     report = verify_path(builder.dir, keys=[builder.vkey_file(tmp_path / "k.vkey")])
     assert report.ok and codes(report) == {(None, "no_checkpoint")}
+
+
+# --- signatures gone: checkpoints.jsonl deleted, cut or edited ----------------------
+
+
+def _checkpoint_events(builder: LogBuilder) -> list[int]:
+    return [i for i, line in enumerate(builder.lines) if b'"ev":"checkpoint"' in line]
+
+
+def test_forged_log_with_checkpoints_deleted_fails(
+    built: LogBuilder, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Rewrite a value, recompute every prev, delete the signatures: this passed.
+    forge(built.dir, b'"val":"101.200"', b'"val":"101.900"')
+    (built.dir / "checkpoints.jsonl").unlink()
+    status, out, _ = run_cli(
+        capsys, "verify", built.dir, "--key", built.dir.parent / "key.vkey"
+    )
+    assert status == 1
+    assert "checkpoints.jsonl does not exist, but the log holds 5 checkpoint " in out
+    report = verify_built(built)
+    assert [f.code for f in report.findings] == ["checkpoints_missing"]
+
+
+@pytest.mark.parametrize("cut", [1, 2, 4])
+def test_checkpoints_cut_by_lines(built: LogBuilder, cut: int) -> None:
+    events = _checkpoint_events(built)
+    cut_checkpoints(built.dir, cut)
+    report = verify_built(built)
+    # The last event ends the log: as after a crash before its note, a warning.
+    *gone, last = events[-cut:]
+    assert codes(report, "error") == {(s, "checkpoint_note_missing") for s in gone}
+    assert (last, "checkpoint_unsigned") in codes(report, "warning")
+    assert report.ok == (cut == 1)
+    for finding in report.errors:
+        assert finding.message == (
+            f"checkpoint event at seq {finding.seq} has no signed note: "
+            "checkpoints.jsonl was edited, cut or deleted"
+        )
+
+
+def test_many_missing_notes_are_summed_up(tmp_path: Path) -> None:
+    builder = standard_log(tmp_path / "data", intervals=15)
+    key = builder.vkey_file(tmp_path / "key.vkey")
+    (builder.dir / "checkpoints.jsonl").write_bytes(b"")
+    events = _checkpoint_events(builder)
+    report = verify_path(builder.dir, keys=[key])
+    missing = [f for f in report.errors if f.code == "checkpoint_note_missing"]
+    assert [f.seq for f in missing] == events[:11]
+    assert missing[-1].message.startswith(
+        f"5 more checkpoint events (seq {events[10]}..{events[14]}) have no signed"
+    )
+
+
+@pytest.mark.parametrize("prev_shutdown", ["unclean", "clean"])
+def test_unsigned_checkpoint_before_a_restart(
+    tmp_path: Path, prev_shutdown: str
+) -> None:
+    builder, key = _two_sources(tmp_path)
+    builder.interval_readings(["m1"], _values, 2)
+    unsigned = builder.event("checkpoint", step_ms=10)  # the agent died here
+    builder.boot_event(prev_shutdown=prev_shutdown)
+    builder.interval_readings(["m1"], lambda s, k: _values(s, k + 2), 1)
+    report = verify_path(builder.dir, keys=[key])
+    # Only a crash explains it, and a crash makes the next boot unclean.
+    crashed = prev_shutdown == "unclean"
+    assert report.ok is crashed
+    code = "checkpoint_unsigned" if crashed else "checkpoint_note_missing"
+    assert (unsigned, code) in codes(report)
+
+
+@pytest.mark.parametrize(
+    ("added", "what"),
+    [(b"", "a blank line"), (b"%% garbage %%", "not JSON"), (b"[1,2]", "a JSON list")],
+    ids=["blank", "garbage", "json-list"],
+)
+def test_line_that_is_no_entry_is_named_by_line(
+    built: LogBuilder, capsys: pytest.CaptureFixture[str], added: bytes, what: str
+) -> None:
+    lines = list(built.lines)
+    built.rewrite([*lines[:9], added, *lines[9:]])
+    status, out, _ = run_cli(
+        capsys, "verify", built.dir, "--key", built.dir.parent / "key.vkey"
+    )
+    assert status == 1
+    assert f"log: error: line 10 (after seq 8): not an entry ({what}" in out
+    report = verify_built(built)
+    assert report.entries == len(lines)
+    assert {f.code for f in report.findings} == {"not_an_entry", "checkpoint_root"}
+    assert "see line 10 (not an entry)" in next(
+        f.message for f in report.errors if f.code == "checkpoint_root"
+    )
+    # At the very end, after the last signed entry.
+    built.rewrite([*lines, added])
+    report = verify_built(built)
+    assert [f.code for f in report.findings] == ["not_an_entry"]
+    assert f"(at the end of the log, after seq {len(lines) - 1})" in (
+        report.findings[0].message
+    )
+
+
+def test_entry_overwritten_by_garbage_keeps_its_seq(built: LogBuilder) -> None:
+    lines = list(built.lines)
+    lines[9] = b"%% garbage %%"
+    built.rewrite(lines)
+    report = verify_built(built)
+    assert (9, "bad_line") in codes(report, "error")
+    assert not any(f.code in ("not_an_entry", "missing") for f in report.findings)
+
+
+def test_duplicated_line_adds_no_uncovered_entry(built: LogBuilder) -> None:
+    lines = list(built.lines)
+    built.rewrite([*lines[:9], lines[8], *lines[9:]])
+    report = verify_built(built)
+    assert {f.code for f in report.findings} == {"duplicate", "checkpoint_root"}
+
+
+def test_garbage_in_checkpoints_file_is_named_and_not_counted(
+    built: LogBuilder,
+) -> None:
+    path = built.dir / "checkpoints.jsonl"
+    records = path.read_bytes().splitlines(keepends=True)
+    path.write_bytes(b"".join([records[0], b"garbage\n", b"\n", *records[1:]]))
+    report = verify_built(built)
+    assert report.checkpoints == len(records)
+    messages = [f.message for f in report.errors]
+    assert messages == [
+        "checkpoints.jsonl line 2: not a checkpoint record (not JSON); each line "
+        "must be a JSON object with 'note' (the signed note) and 'size'",
+        "checkpoints.jsonl line 3: not a checkpoint record (a blank line); each line "
+        "must be a JSON object with 'note' (the signed note) and 'size'",
+    ]
+    # Blank lines at the end of the file are no records, and no finding.
+    path.write_bytes(b"".join(records) + b"\n\n")
+    assert verify_built(built).findings == []
+
+
+def test_reference_checkpoint_file_may_end_in_blank_lines(
+    built: LogBuilder, tmp_path: Path
+) -> None:
+    note_file = tmp_path / "last.note"
+    note_file.write_text(built.notes[-1] + "\n\n")
+    jsonl = tmp_path / "upstream.jsonl"
+    jsonl.write_bytes((built.dir / "checkpoints.jsonl").read_bytes() + b"\n \n")
+    report = verify_built(built, checkpoints=[note_file, jsonl])
+    assert report.findings == []
 
 
 # --- contents: counters, registers, slots, clocks -----------------------------------
@@ -792,6 +1053,44 @@ def test_key_rotation_by_evidence_log_verifies_with_the_old_key(
     log.close()
     report = verify_path(data, keys=[old_key])
     assert report.findings == [] and len(report.trusted_keys) == 2
+    assert report.signed_size == report.entries
+
+
+def test_forged_evidence_log_without_checkpoints_fails_and_is_not_reopened(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from ies_agent.evidence.log import EvidenceLog, UnsignedHistoryError
+
+    data = tmp_path / "data"
+    _write_with_evidence_log(data, _SteppingClock())
+    key = tmp_path / "registered.vkey"
+    shutil.copy(data / "keys" / "log.vkey", key)
+    forge(data, b'"val":"1002.125"', b'"val":"2.125"')
+    (data / "checkpoints.jsonl").unlink()
+    status, out, _ = run_cli(capsys, "verify", data, "--key", key)
+    assert status == 1 and "checkpoints.jsonl does not exist" in out
+    with pytest.raises(UnsignedHistoryError):
+        EvidenceLog.open(data, gateway_id="GW1", clock=_SteppingClock())
+
+
+def test_keys_rotate_then_pin_only_the_new_vkey(tmp_path: Path) -> None:
+    from ies_agent.evidence import keys
+    from ies_agent.evidence.log import EvidenceLog
+
+    clock = _SteppingClock()
+    data = tmp_path / "data"
+    with EvidenceLog.open(data, gateway_id="GW1", clock=clock) as log:
+        for _ in range(40):
+            clock.advance(1000)
+            log.checkpoint()
+    keys.rotate(data)
+    with EvidenceLog.open(data, gateway_id="GW1", clock=clock) as log:
+        clock.advance(1000)
+        log.checkpoint()
+    report = verify_path(data, keys=[data / "keys" / "log.vkey"])
+    # ('keys rotate' runs on the real clock: an outage in virtual time, a warning.)
+    found = [f.code for f in report.findings if f.code != "outage"]
+    assert report.ok and found == ["key_vouched"]
     assert report.signed_size == report.entries
 
 

@@ -204,7 +204,39 @@ class SunSpecInverter:
         self.snapshot: Snapshot | None = None
         self.limit_pct: int | None = None
         """Active-power limit written into model 123 (percent of WMax), if enabled."""
+        self.set_pct = 100
+        """``WMaxLimPct`` as last written (applies only while ``WMaxLim_Ena`` = 1)."""
+        self.revert_s = 0
+        """``WMaxLimPct_RvrtTms`` as last written: the limit lapses after it (0: never)."""
+        self._revert_at: float | None = None
         self._image = self._build(None)
+
+    def take_write(self, address: int, values: list[int]) -> Any:
+        """Take a write into model 123 (``WMaxLimPct``, ``WMaxLimPct_RvrtTms``,
+        ``WMaxLim_Ena``) so it sticks and limits the output; other registers are
+        read-only here. Returns ``None`` (accepted) as a device would."""
+        for offset, value in enumerate(values):
+            name = self._controls.get(address + offset)
+            if name == "WMaxLimPct":
+                self.set_pct = min(value, 100)
+            elif name == "WMaxLimPct_RvrtTms":
+                self.revert_s = value
+            elif name == "WMaxLim_Ena":
+                self.limit_pct = self.set_pct if value == 1 else None
+        if self.limit_pct is not None:
+            self.limit_pct = self.set_pct
+        self._revert_at = (
+            time.monotonic() + self.revert_s
+            if self.limit_pct is not None and self.revert_s
+            else None
+        )
+        return None
+
+    @property
+    def _controls(self) -> dict[int, str]:
+        """Protocol address of each writable point of model 123."""
+        points = ("WMaxLimPct", "WMaxLimPct_RvrtTms", "WMaxLim_Ena")
+        return {self._image.address_of(123, p): p for p in points}
 
     def _build(self, snap: Snapshot | None) -> SunSpecImage:
         """Return the register image for ``snap`` (raw values with scale factors)."""
@@ -222,6 +254,10 @@ class SunSpecInverter:
             },
         )
         solar = snap.solar_w if snap else 0.0
+        if self._revert_at is not None and time.monotonic() >= self._revert_at:
+            self.limit_pct, self._revert_at = None, None  # the device's own revert
+        if self.limit_pct is not None:
+            solar = min(solar, 5000 * self.limit_pct / 100)  # WRtg is 5000 W
         volts = snap.voltage_v if snap else (230.0, 230.0, 230.0)
         hz = snap.frequency_hz if snap else 50.0
         wh = int(snap.counters.solar_wh) if snap else 0
@@ -267,6 +303,9 @@ class SunSpecInverter:
         }
         if self.limit_pct is not None:
             controls.update(WMaxLim_Ena=1, WMaxLimPct=self.limit_pct)
+        else:
+            controls.update(WMaxLimPct=self.set_pct)
+        controls["WMaxLimPct_RvrtTms"] = self.revert_s
         image.add_model(123, controls)
         return image
 
@@ -302,9 +341,13 @@ def sim_device(unit: int, device: TemplateMeter | SunSpecInverter) -> SimDevice:
         count: int,
         registers: list[int],
         values: list[int] | list[bool] | None,
-    ) -> None:
-        del address, count
-        if values:  # a write: let the registers take it, the device reads them back
+    ) -> Any:
+        del count
+        if values:  # a write: the device takes what it understands, if it can
+            take = getattr(device, "take_write", None)
+            if take is not None:
+                result: Any = take(address, [int(v) for v in values])
+                return result
             return None
         function = "input" if function_code == 4 else "holding"
         device.fill(function, start_address, registers)

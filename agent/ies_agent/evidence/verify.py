@@ -1409,12 +1409,16 @@ class _LogCheck:
         """
         seq = record.declared_size - 1 if record.declared_size else None
         if not record.note:
-            self.add(
-                seq,
-                ERROR,
-                "checkpoint_malformed",
-                f"{record.where}: not a checkpoint record ({record.problem}); each "
-                "line must be a JSON object with 'note' (the signed note) and 'size'",
+            # One finding per line (all have no seq: not deduplicated).
+            self.findings.append(
+                Finding(
+                    None,
+                    ERROR,
+                    "checkpoint_malformed",
+                    f"{record.where}: not a checkpoint record ({record.problem}); "
+                    "each line must be a JSON object with 'note' (the signed note) "
+                    "and 'size'",
+                )
             )
             return None
         self._trust_handovers(rotations, opened)

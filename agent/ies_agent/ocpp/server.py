@@ -58,6 +58,7 @@ from ies_agent.ocpp.session import (
     ChargerSession,
     DispatchLimit,
     EvidenceWriter,
+    FileBridge,
     LocationRewriter,
 )
 from ies_drivers.ocpp.measurands import MeasurandTableError, load_measurand_table
@@ -113,6 +114,7 @@ class CentralSystem:
         self._handshakes = WeakKeyDictionary()
         self._refused: set[str] = set()
         self._location_rewriter: LocationRewriter | None = None
+        self._file_bridge: FileBridge | None = None
         try:
             self.table = load_measurand_table(config.measurands)
         except MeasurandTableError as exc:
@@ -269,6 +271,7 @@ class CentralSystem:
             clock=self.clock,
             status=self.state.charger(charger.id),
             location_rewriter=lambda: self._location_rewriter,
+            file_bridge=lambda: self._file_bridge,
         )
         csms = self.config.csms
         if csms is not None:
@@ -438,6 +441,12 @@ class CentralSystem:
         GetLog calls from the CSMS (the firmware bridge serves them); ``None``: pass
         them through unchanged."""
         self._location_rewriter = rewriter
+
+    def set_file_bridge(self, bridge: FileBridge | None) -> None:
+        """Hand firmware and diagnostics calls from the CSMS to ``bridge`` (the
+        firmware bridge's client), which chooses what the charger sees and hears
+        the charger's status reports; ``None``: pass them through unchanged."""
+        self._file_bridge = bridge
 
     def _dispatch_hub(self, charger_id: str) -> ChargerHub:
         hub = self.hubs.get(charger_id)

@@ -74,6 +74,52 @@ DISPATCH_PURPOSE = {
 LocationRewriter = Callable[[str, str, str], str]
 """``(charger_id, action, location) -> location``: where a firmware or diagnostics
 file is fetched from or sent to, as the charger should see it (firmware bridge)."""
+FILE_CALLS = frozenset(
+    {"UpdateFirmware", "SignedUpdateFirmware", "GetDiagnostics", "GetLog"}
+)
+"""CSMS calls naming a file the firmware bridge carries."""
+FILE_STATUS_CALLS = frozenset(
+    {
+        "FirmwareStatusNotification",
+        "SignedFirmwareStatusNotification",
+        "DiagnosticsStatusNotification",
+        "LogStatusNotification",
+    }
+)
+"""Charger calls reporting on such a file (relayed to the CSMS as any other)."""
+
+
+@dataclass(frozen=True, slots=True)
+class FileCall:
+    """What the firmware bridge made of a CSMS file call: the ``payload`` the charger
+    gets, or, when ``answer`` is set, the CSMS's answer without asking the charger."""
+
+    payload: dict[str, Any]
+    answer: dict[str, Any] | None = None
+
+
+class FileBridge(Protocol):
+    """The firmware bridge as the OCPP bridge sees it (``ies_agent.firmware_client``)."""
+
+    async def for_charger(
+        self,
+        charger_id: str,
+        version: OcppVersion,
+        action: str,
+        payload: dict[str, Any],
+    ) -> FileCall:
+        """Decide what the charger sees of a file call (may raise ``Reject``)."""
+        ...
+
+    def charger_reported(
+        self,
+        charger_id: str,
+        version: OcppVersion,
+        action: str,
+        payload: dict[str, Any],
+    ) -> None:
+        """Note a file status the charger sent (already relayed to the CSMS)."""
+        ...
 
 
 class EvidenceWriter(Protocol):
@@ -124,6 +170,7 @@ class ChargerHub:
         clock: Clock,
         status: ChargerStatus,
         location_rewriter: Callable[[], LocationRewriter | None],
+        file_bridge: Callable[[], FileBridge | None] = lambda: None,
     ) -> None:
         self.config = charger
         self.ocpp = ocpp
@@ -138,6 +185,7 @@ class ChargerHub:
         self.dispatch: DispatchLimit | None = None
         self._dispatch_task: asyncio.Task[None] | None = None
         self._location_rewriter = location_rewriter
+        self.file_bridge = file_bridge
         self._evidence_broken = False
         self._tasks: set[asyncio.Task[Any]] = set()
         self.status.open_transactions = self.book.open_count
@@ -258,7 +306,16 @@ class ChargerHub:
                 ErrorCode.GENERIC_ERROR,
                 f"charger {self.charger_id} is not connected in OCPP {version.value}",
             )
-        payload = self._for_charger(call.action, dict(call.payload), version)
+        payload = dict(call.payload)
+        bridge = self.file_bridge()
+        if bridge is not None and call.action in FILE_CALLS:
+            decided = await bridge.for_charger(
+                self.charger_id, version, call.action, payload
+            )
+            if decided.answer is not None:
+                return decided.answer
+            payload = decided.payload
+        payload = self._for_charger(call.action, payload, version)
         try:
             answer = await session.conn.call(
                 call.action, payload, timeout_s=self.ocpp.call_timeout_s
@@ -606,6 +663,12 @@ class ChargerSession:
                 hub.save_state()
         elif call.action == "StatusNotification":
             self._status(payload)
+        elif call.action in FILE_STATUS_CALLS:
+            bridge = hub.file_bridge()
+            if bridge is not None:
+                bridge.charger_reported(
+                    hub.charger_id, self.version, call.action, payload
+                )
         return answer
 
     def _upstream_wait(self) -> float:

@@ -30,8 +30,6 @@ from functools import cache
 from importlib import resources
 from typing import Any
 
-from jsonschema import validators
-
 from ies_drivers.ocpp.rpc import ErrorCode, FrameQuirks, RpcError
 from ies_drivers.ocpp.versions import OcppVersion
 
@@ -263,6 +261,8 @@ def _validator(version: OcppVersion, name: str) -> Any | None:
     path = _schema_dir(version).joinpath(f"{name}.json")
     if not path.is_file():
         return None
+    from jsonschema import validators  # loaded with the first charger, not at start
+
     schema = json.loads(path.read_text(encoding="utf-8-sig"), parse_float=Decimal)
     cls = validators.validator_for(schema)
     return cls(schema)
