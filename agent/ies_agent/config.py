@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, cast
 
 from ies_agent.dlms_config import DLMS_DEVICE_KEYS, DlmsDeviceSettings
+from ies_agent.firmware_client import FirmwareConfig, read_firmware
 from ies_agent.ocpp.config import OcppConfig, read_ocpp
 from ies_agent.upstream.settings import (
     StorageConfig,
@@ -107,6 +108,7 @@ _TOP_KEYS = {
     "storage",
     "ocpp",
     "http",
+    "firmware",
 }
 _GATEWAY_KEYS = {"id", "timezone", "interval", "data_dir", "key_alg", "origin", "demo"}
 _COMMON_BUS_KEYS = {"id", "kind", "gap_ms", "timeout_s", "backoff_max_s"}
@@ -274,6 +276,8 @@ class Site:
     """The OCPP central system and CSMS bridge (``ies_agent.ocpp.config``)."""
     http: HttpConfig | None = None
     """The local web page (``ies_agent.web.config``); None: no page."""
+    firmware: FirmwareConfig | None = None
+    """The firmware bridge's socket (``ies_agent.firmware_client``); None: none."""
 
 
 def load_site(
@@ -397,6 +401,7 @@ class _SiteReader:
         storage = read_storage(check, data)
         ocpp = read_ocpp(check, data, self.resolve, taken_ids=devices)
         http = read_http(check, data, self.resolve)
+        firmware = read_firmware(check, data, self.resolve)
         if gateway is None:
             return None
         return Site(
@@ -409,6 +414,7 @@ class _SiteReader:
             storage=storage,
             ocpp=ocpp,
             http=http,
+            firmware=firmware,
         )
 
     def read_gateway(self, data: dict[str, Any]) -> GatewayConfig | None:

@@ -37,16 +37,16 @@ import itertools
 import json
 import logging
 import random
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from ies_agent.ocpp.connection import OcppLinkError, Reject
-from ies_agent.ocpp.session import FileCall
-from ies_drivers.ocpp.rpc import ErrorCode
 from ies_drivers.ocpp.versions import OcppVersion
+from ies_drivers.tomlsource import KeyPath, ProblemCollector
 
 if TYPE_CHECKING:
     from ies_agent.ocpp.server import CentralSystem
+    from ies_agent.ocpp.session import FileCall
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +57,42 @@ _FAILURE_EVENTS = frozenset(
     {"firmware_rejected", "firmware_download_failed", "diagnostics_upload_failed"}
 )
 _ROLLED_BACK = frozenset({"InstallationFailed", "InstallVerificationFailed"})
+
+
+FIRMWARE_KEYS = {"enabled", "socket"}
+
+
+@dataclass(frozen=True)
+class FirmwareConfig:
+    """The ``[firmware]`` table of a site file::
+
+        [firmware]
+        enabled = true                                  # default when the table exists
+        socket = "/run/ies-firmware-bridge/bridge.sock" # where the bridge listens
+    """
+
+    enabled: bool = True
+    socket: Path = DEFAULT_SOCKET
+
+
+def read_firmware(
+    check: ProblemCollector, data: dict[str, Any], resolve: Any
+) -> FirmwareConfig | None:
+    """Return the ``[firmware]`` table (``None`` when absent); record problems.
+
+    ``resolve`` turns a relative path into one relative to the site file.
+    """
+    table = check.table(data, ("firmware",))
+    if table is None:
+        return None
+    at: KeyPath = ("firmware",)
+    check.unknown_keys(table, FIRMWARE_KEYS, at)
+    enabled = check.boolean(table, (*at, "enabled"), default=True)
+    socket = check.string(table, (*at, "socket"))
+    return FirmwareConfig(
+        enabled=bool(enabled),
+        socket=Path(resolve(socket)) if socket else DEFAULT_SOCKET,
+    )
 
 
 class FirmwareBridgeError(Exception):
@@ -235,6 +271,10 @@ class FirmwareClient:
         Raises ``Reject`` (a CALLERROR to the CSMS) when the bridge is not running, or
         refuses a call whose OCPP answer has no status to say so.
         """
+        from ies_agent.ocpp.connection import Reject
+        from ies_agent.ocpp.session import FileCall
+        from ies_drivers.ocpp.rpc import ErrorCode
+
         payload = dict(payload)
         upload = action in ("GetDiagnostics", "GetLog")
         inner_key = "log" if action == "GetLog" else "firmware"
@@ -277,6 +317,10 @@ class FirmwareClient:
         payload: dict[str, Any],
         exc: BridgeRefused,
     ) -> FileCall:
+        from ies_agent.ocpp.connection import Reject
+        from ies_agent.ocpp.session import FileCall
+        from ies_drivers.ocpp.rpc import ErrorCode
+
         if version.is_16 and action in ("UpdateFirmware", "GetDiagnostics"):
             raise Reject(ErrorCode.GENERIC_ERROR, str(exc)[:255])
         status = exc.status
@@ -354,6 +398,8 @@ class FirmwareClient:
 
     async def _tell_csms(self, ev: str, fields: dict[str, Any]) -> None:
         """Send the CSMS the failure status (and reason) under the charger's name."""
+        from ies_agent.ocpp.connection import OcppLinkError
+
         central = self._central
         charger = fields.get("charger")
         if central is None or not isinstance(charger, str):
