@@ -37,10 +37,16 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "apply a signed update of the agent, with rollback",
     ),
     "status": ("ies_agent.commands.status", "show what the running agent sees"),
+    "firmware": (
+        "ies_agent.commands.firmware",
+        "show the firmware bridge's cache and recent transfers",
+    ),
     "web-password": (
         "ies_agent.web.password_command",
         "store the web page's password as a hash",
     ),
+    "policy": ("ies_agent.commands.policy", "check a signed dispatch policy pack"),
+    "dispatch": ("ies_agent.commands.dispatch", "opt out of a dispatch event"),
 }
 
 

@@ -66,9 +66,9 @@ FIRMWARE_KEYS = {"enabled", "socket"}
 class FirmwareConfig:
     """The ``[firmware]`` table of a site file::
 
-        [firmware]
-        enabled = true                                  # default when the table exists
-        socket = "/run/ies-firmware-bridge/bridge.sock" # where the bridge listens
+    [firmware]
+    enabled = true                                  # default when the table exists
+    socket = "/run/ies-firmware-bridge/bridge.sock" # where the bridge listens
     """
 
     enabled: bool = True
@@ -165,11 +165,15 @@ class FirmwareClient:
                 )
             except OSError as exc:
                 if not self._outage_logged:
-                    log.warning("firmware bridge not reachable at %s: %s", self.socket_path, exc)
+                    log.warning(
+                        "firmware bridge not reachable at %s: %s", self.socket_path, exc
+                    )
                     self._outage_logged = True
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), delay)
-                delay = min(self.reconnect_max_s, delay * 2) * (0.8 + random.random() / 5)
+                delay = min(self.reconnect_max_s, delay * 2) * (
+                    0.8 + random.random() / 5
+                )
                 continue
             delay = 0.2
             try:
@@ -243,28 +247,39 @@ class FirmwareClient:
         """
         writer = self._writer
         if writer is None:
-            raise BridgeUnavailable(f"the firmware bridge is not connected ({self.socket_path})")
+            raise BridgeUnavailable(
+                f"the firmware bridge is not connected ({self.socket_path})"
+            )
         rid = next(self._ids)
-        future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        future: asyncio.Future[dict[str, Any]] = (
+            asyncio.get_running_loop().create_future()
+        )
         self._pending[rid] = future
         writer.write(json.dumps({"id": rid, "op": op, **fields}).encode() + b"\n")
         try:
             await writer.drain()
             answer = await asyncio.wait_for(future, self.call_timeout_s)
         except (ConnectionError, TimeoutError) as exc:
-            raise BridgeUnavailable(f"the firmware bridge did not answer: {exc}") from None
+            raise BridgeUnavailable(
+                f"the firmware bridge did not answer: {exc}"
+            ) from None
         finally:
             self._pending.pop(rid, None)
         if not answer.get("ok"):
             raise BridgeRefused(
-                str(answer.get("error", "refused")), str(answer.get("status", "Rejected"))
+                str(answer.get("error", "refused")),
+                str(answer.get("status", "Rejected")),
             )
         return answer
 
     # --- the OCPP side (FileBridge) ---------------------------------------------------
 
     async def for_charger(
-        self, charger_id: str, version: OcppVersion, action: str, payload: dict[str, Any]
+        self,
+        charger_id: str,
+        version: OcppVersion,
+        action: str,
+        payload: dict[str, Any],
     ) -> FileCall:
         """Register the file with the bridge; give the charger the gateway's URL.
 
@@ -340,7 +355,11 @@ class FirmwareClient:
         )
 
     def charger_reported(
-        self, charger_id: str, version: OcppVersion, action: str, payload: dict[str, Any]
+        self,
+        charger_id: str,
+        version: OcppVersion,
+        action: str,
+        payload: dict[str, Any],
     ) -> None:
         """Record a charger's firmware or log status; tell the bridge about it."""
         status = payload.get("status")
@@ -359,7 +378,11 @@ class FirmwareClient:
         }
         if isinstance(payload.get("requestId"), int):
             fields["request_id"] = payload["requestId"]
-        self._record("firmware_status" if kind == "firmware" else "diagnostics_status", fields, charger_id)
+        self._record(
+            "firmware_status" if kind == "firmware" else "diagnostics_status",
+            fields,
+            charger_id,
+        )
         if kind == "firmware" and status == "Installed":
             self._record("firmware_installed", fields, charger_id)
         elif kind == "firmware" and status in _ROLLED_BACK:
@@ -377,11 +400,17 @@ class FirmwareClient:
         ev = event.get("ev")
         fields = event.get("fields")
         seq = event.get("seq")
-        if not isinstance(ev, str) or not isinstance(fields, dict) or not isinstance(seq, int):
+        if (
+            not isinstance(ev, str)
+            or not isinstance(fields, dict)
+            or not isinstance(seq, int)
+        ):
             log.warning("firmware bridge sent a malformed event")
             return
         charger = fields.get("charger")
-        if self._record(ev, {**fields, "bseq": seq}, charger if isinstance(charger, str) else None):
+        if self._record(
+            ev, {**fields, "bseq": seq}, charger if isinstance(charger, str) else None
+        ):
             writer = self._writer
             if writer is not None:
                 writer.write(json.dumps({"op": "ack", "seq": seq}).encode() + b"\n")
@@ -442,20 +471,34 @@ def failure_messages(
         "vendorId": VENDOR_ID,
         "messageId": "FileRefused" if ev == "firmware_rejected" else "TransferFailed",
         "data": json.dumps(
-            {"event": ev, "status": status, "reason": reason, "transfer": fields.get("transfer")}
+            {
+                "event": ev,
+                "status": status,
+                "reason": reason,
+                "transfer": fields.get("transfer"),
+            }
         ),
     }
     upload = ev == "diagnostics_upload_failed"
     if version.is_16:
         if upload:
-            return [("DiagnosticsStatusNotification", {"status": "UploadFailed"}), ("DataTransfer", detail)]
+            return [
+                ("DiagnosticsStatusNotification", {"status": "UploadFailed"}),
+                ("DataTransfer", detail),
+            ]
         if action == "SignedUpdateFirmware":
             word = "InvalidSignature" if ev == "firmware_rejected" else "DownloadFailed"
             return [
-                ("SignedFirmwareStatusNotification", {"status": word, "requestId": request_id}),
+                (
+                    "SignedFirmwareStatusNotification",
+                    {"status": word, "requestId": request_id},
+                ),
                 ("DataTransfer", detail),
             ]
-        return [("FirmwareStatusNotification", {"status": "DownloadFailed"}), ("DataTransfer", detail)]
+        return [
+            ("FirmwareStatusNotification", {"status": "DownloadFailed"}),
+            ("DataTransfer", detail),
+        ]
     custom = {"vendorId": VENDOR_ID, "reason": reason}
     if upload:
         payload: dict[str, Any] = {"status": "UploadFailure", "customData": custom}

@@ -18,12 +18,17 @@ import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ies_firmware_bridge.config import (
     DEFAULT_CONFIG,
     BridgeConfigError,
     load_config,
 )
+
+if TYPE_CHECKING:
+    from ies_agent.systemd import Notifier
+    from ies_firmware_bridge.service import Bridge
 
 log = logging.getLogger("ies_firmware_bridge")
 
@@ -35,7 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Serve verified firmware to site devices; carry their log files "
         "upstream.",
     )
-    parser.add_argument("--config", type=Path, help=f"settings (default {DEFAULT_CONFIG})")
+    parser.add_argument(
+        "--config", type=Path, help=f"settings (default {DEFAULT_CONFIG})"
+    )
     parser.add_argument("--state-dir", type=Path, help="transfer records, event outbox")
     parser.add_argument("--cache-dir", type=Path, help="verified files and downloads")
     parser.add_argument("--socket", type=Path, help="unix socket the agent talks to")
@@ -104,11 +111,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
 
 
-async def _run(bridge: object) -> int:
+async def _run(bridge: Bridge) -> int:
     from ies_agent.systemd import Notifier, watchdog_interval_s
-    from ies_firmware_bridge.service import Bridge
 
-    assert isinstance(bridge, Bridge)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -133,11 +138,8 @@ async def _run(bridge: object) -> int:
     return 0
 
 
-async def _pet(notifier: object, interval_s: float) -> None:
+async def _pet(notifier: Notifier, interval_s: float) -> None:
     """Pet systemd's watchdog while the event loop turns."""
-    from ies_agent.systemd import Notifier
-
-    assert isinstance(notifier, Notifier)
     while True:
         notifier.watchdog()
         await asyncio.sleep(interval_s)

@@ -48,7 +48,10 @@ DEFAULT_CONFIG = Path("/etc/ies-firmware-bridge/bridge.toml")
 DEFAULT_STATE_DIR = Path("/var/lib/ies-firmware-bridge")
 DEFAULT_CACHE_DIR = Path("/var/cache/ies-firmware-bridge")
 DEFAULT_SOCKET = Path("/run/ies-firmware-bridge/bridge.sock")
-DEFAULT_TRUST_DIRS = (Path("/etc/ies-agent/trust"), Path("/etc/ies-firmware-bridge/trust"))
+DEFAULT_TRUST_DIRS = (
+    Path("/etc/ies-agent/trust"),
+    Path("/etc/ies-firmware-bridge/trust"),
+)
 DEFAULT_PORT = 8790
 MIB = 1024 * 1024
 
@@ -163,12 +166,12 @@ def _read_file(path: Path) -> dict[str, Any]:
         number = check.integer(data, (key,), low=low, high=high)
         if number is not None:
             values[key] = number
-    for key, low, high in (
+    for key, low_s, high_s in (
         ("connect_timeout_s", 0.1, 300.0),
         ("read_timeout_s", 0.1, 3600.0),
         ("hold_s", 0.0, 3600.0),
     ):
-        seconds = check.number(data, (key,), low=low, high=high)
+        seconds = check.number(data, (key,), low=low_s, high=high_s)
         if seconds is not None:
             values[key] = seconds
     if "trust_dirs" in data:

@@ -106,25 +106,24 @@ async def download(
             f"the file is {expected_size} bytes, more than the {policy.max_bytes} "
             "allowed (max_file_mb)"
         )
-    part.parent.mkdir(parents=True, exist_ok=True)
-    part.touch(exist_ok=True)
-    first_offset = part.stat().st_size
+    _prepare(part)
+    first_offset = _size(part)
     failures = 0
     attempts = 0
     while True:
         attempts += 1
-        offset = part.stat().st_size
+        offset = _size(part)
         if expected_size is not None and offset == expected_size and offset > 0:
             return Downloaded(offset, first_offset, attempts, validator)
         if offset > limit:
-            part.write_bytes(b"")
+            _truncate(part)
             offset = 0
         try:
             done, validator = await _attempt(
                 session, url, part, offset, limit, validator, policy
             )
         except (TimeoutError, aiohttp.ClientError, _Retryable) as exc:
-            grown = part.stat().st_size > offset
+            grown = _size(part) > offset
             failures = 0 if grown else failures + 1
             if failures >= policy.retries:
                 raise FetchFailed(
@@ -135,7 +134,7 @@ async def download(
             log.info(
                 "download of %s interrupted at %d bytes (%s); again in %.1f s",
                 redact(url),
-                part.stat().st_size,
+                _size(part),
                 _why(exc),
                 delay,
             )
@@ -145,7 +144,7 @@ async def download(
             if on_validator is not None and validator:
                 on_validator(validator)
         if done:
-            return Downloaded(part.stat().st_size, first_offset, attempts, validator)
+            return Downloaded(_size(part), first_offset, attempts, validator)
 
 
 class _Retryable(Exception):
@@ -170,24 +169,26 @@ async def _attempt(
     async with session.get(
         url, headers=headers, timeout=policy.timeout(), ssl=policy.ssl_context or True
     ) as response:
-        new_validator = response.headers.get("ETag") or response.headers.get(
-            "Last-Modified", ""
+        new_validator = (
+            response.headers.get("ETag") or response.headers.get("Last-Modified") or ""
         )
         if response.status == 416 and offset:
             # Our .part is not a prefix the server recognises: start over.
-            part.write_bytes(b"")
+            _truncate(part)
             raise _Retryable("server refused the range; starting over")
         if response.status >= 500 or response.status == 429:
             raise _Retryable(f"HTTP {response.status}")
         if response.status not in (200, 206):
-            raise FetchFailed(f"{redact(url)}: HTTP {response.status} {response.reason}")
+            raise FetchFailed(
+                f"{redact(url)}: HTTP {response.status} {response.reason}"
+            )
         if response.status == 200 and offset:
-            part.write_bytes(b"")
+            _truncate(part)
             offset = 0
         if response.status == 206:
             start = _range_start(response.headers.get("Content-Range", ""))
             if start != offset:
-                part.write_bytes(b"")
+                _truncate(part)
                 raise _Retryable(f"server sent bytes from {start}, asked from {offset}")
         length = response.content_length
         total = offset + length if length is not None else None
@@ -262,7 +263,9 @@ async def upload(
                     method,
                     url,
                     data=body,
-                    headers={"Content-Type": content_type or "application/octet-stream"},
+                    headers={
+                        "Content-Type": content_type or "application/octet-stream"
+                    },
                     timeout=policy.timeout(),
                     ssl=policy.ssl_context or True,
                 ) as response:
@@ -278,6 +281,21 @@ async def upload(
             if failures >= policy.retries:
                 raise FetchFailed(f"{redact(url)}: {_why(exc)}") from None
             await asyncio.sleep(policy.backoff(failures))
+
+
+def _prepare(part: Path) -> None:
+    part.parent.mkdir(parents=True, exist_ok=True)
+    part.touch(exist_ok=True)
+
+
+def _size(part: Path) -> int:
+    """Bytes already downloaded (the resume offset)."""
+    return part.stat().st_size
+
+
+def _truncate(part: Path) -> None:
+    """Start a download over: the server will not continue this ``.part``."""
+    part.write_bytes(b"")
 
 
 def _range_start(content_range: str) -> int:

@@ -51,6 +51,7 @@ import re
 import secrets
 import ssl
 import time
+from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
@@ -95,7 +96,9 @@ KEEP_SERVED_S = 7 * 86_400
 """A verified file stays out of eviction this long after it was asked for, unless
 its charger reported it installed."""
 _NAME = re.compile(r"[^A-Za-z0-9._+~-]")
-_DONE_STATUSES = frozenset({"Installed", "InstallationFailed", "InstallVerificationFailed"})
+_DONE_STATUSES = frozenset(
+    {"Installed", "InstallationFailed", "InstallVerificationFailed"}
+)
 
 
 class RequestError(Exception):
@@ -157,9 +160,9 @@ class Bridge:
             ssl_context=_serving_ssl(self.config),
         )
         await site.start()
-        server = site._server
-        if server is not None and getattr(server, "sockets", None):
-            self.http_port = server.sockets[0].getsockname()[1]
+        addresses = self._runner.addresses
+        if addresses:
+            self.http_port = int(addresses[0][1])
         socket_path = self.config.socket
         socket_path.parent.mkdir(parents=True, exist_ok=True)
         socket_path.unlink(missing_ok=True)
@@ -403,7 +406,7 @@ class Bridge:
         self._verdicts.setdefault(transfer.id, asyncio.Event())
         task = asyncio.create_task(work, name=f"bridge:{transfer.kind}:{transfer.id}")
         self._work[transfer.id] = task
-        task.add_done_callback(lambda _t, tid=transfer.id: self._work.pop(tid, None))
+        task.add_done_callback(lambda _t: self._work.pop(transfer.id, None))
 
     # --- firmware ---------------------------------------------------------------------
 
@@ -497,7 +500,11 @@ class Bridge:
             log.warning("firmware for %s not fetched: %s", transfer.charger, exc)
             self.event(
                 "firmware_download_failed",
-                {**self._fields(transfer), "status": "DownloadFailed", "reason": transfer.reason},
+                {
+                    **self._fields(transfer),
+                    "status": "DownloadFailed",
+                    "reason": transfer.reason,
+                },
             )
         finally:
             self._verdicts.setdefault(transfer.id, asyncio.Event()).set()
@@ -584,15 +591,21 @@ class Bridge:
         path = self.cache.path_of(transfer.sha256)
         if not path.is_file():
             raise web.HTTPGone(text="evicted from the cache; ask again\n")
-        response = web.FileResponse(
-            path,
-            headers={
-                "Content-Type": "application/octet-stream",
-                "Content-Disposition": f'attachment; filename="{transfer.name}"',
-                "X-Content-SHA256": transfer.sha256,
-            },
+        size = path.stat().st_size
+        first, last = _byte_range(request.headers.get("Range", ""), size)
+        response = web.StreamResponse(status=206 if first or last < size - 1 else 200)
+        response.headers["Content-Type"] = "application/octet-stream"
+        response.headers["Content-Disposition"] = (
+            f'attachment; filename="{transfer.name}"'
         )
+        response.headers["Accept-Ranges"] = "bytes"
+        response.headers["ETag"] = f'"{transfer.sha256}"'
+        if response.status == 206:
+            response.headers["Content-Range"] = f"bytes {first}-{last}/{size}"
+        response.content_length = last - first + 1 if size else 0
         await response.prepare(request)
+        sent = await _send_file(response, path, first, last)
+        await response.write_eof()
         transfer.served += 1
         self.book.save(transfer)
         self.cache.touch(transfer.sha256)
@@ -601,6 +614,7 @@ class Bridge:
             {
                 **self._fields(transfer),
                 "sha256": transfer.sha256,
+                "bytes": sent,
                 "range": request.headers.get("Range", ""),
                 "peer": request.remote or "",
             },
@@ -668,7 +682,9 @@ class Bridge:
             )
         except FetchError as exc:
             transfer.state = "failed"
-            transfer.status = "UploadFailed" if transfer.ocpp == "1.6" else "UploadFailure"
+            transfer.status = (
+                "UploadFailed" if transfer.ocpp == "1.6" else "UploadFailure"
+            )
             transfer.reason = str(exc)[:500]
             self.book.save(transfer)
             self.event(
@@ -696,6 +712,44 @@ class Bridge:
                 "location": redact(transfer.location),
             },
         )
+
+
+def _byte_range(header: str, size: int) -> tuple[int, int]:
+    """First and last byte (inclusive) a ``Range: bytes=a-b`` header asks for;
+    the whole file for no header or one this server does not read."""
+    whole = (0, max(size - 1, 0))
+    match = re.fullmatch(r"bytes=(\d*)-(\d*)", header.strip())
+    if match is None or not (match.group(1) or match.group(2)):
+        return whole
+    if not match.group(1):
+        count = int(match.group(2))
+        return (max(size - count, 0), size - 1)
+    first = int(match.group(1))
+    last = int(match.group(2)) if match.group(2) else size - 1
+    if first >= size or last < first:
+        raise web.HTTPRequestRangeNotSatisfiable(headers={"Content-Range": f"*/{size}"})
+    return first, min(last, size - 1)
+
+
+async def _send_file(
+    response: web.StreamResponse, path: Path, first: int, last: int
+) -> int:
+    """Write bytes ``first``..``last`` of ``path``; return how many were sent."""
+    sent = 0
+    handle = await asyncio.to_thread(path.open, "rb")
+    try:
+        handle.seek(first)
+        left = last - first + 1
+        while left > 0:
+            chunk = await asyncio.to_thread(handle.read, min(left, 256 * 1024))
+            if not chunk:
+                break
+            await response.write(chunk)
+            sent += len(chunk)
+            left -= len(chunk)
+    finally:
+        handle.close()
+    return sent
 
 
 def _basics(

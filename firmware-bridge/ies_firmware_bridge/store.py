@@ -112,9 +112,7 @@ class FileCache:
         """Mark the file as used now (for least-recently-used eviction)."""
         cached = self.get(sha256)
         if cached is not None:
-            self._write_meta(
-                CachedFile(**{**asdict(cached), "used_ms": _now_ms()})
-            )
+            self._write_meta(CachedFile(**{**asdict(cached), "used_ms": _now_ms()}))
 
     def part_path(self, transfer_id: str) -> Path:
         return self.partial / f"{_checked_id(transfer_id)}.part"

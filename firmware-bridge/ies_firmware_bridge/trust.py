@@ -172,7 +172,9 @@ def check_file_signature(path: Path, cert: x509.Certificate, signature: str) -> 
         raw = base64.b64decode(signature, validate=True)
     except (binascii.Error, ValueError):
         raise BadSignature("signature is not base64") from None
-    digest, content = _digest(path, keep=isinstance(cert.public_key(), ed25519.Ed25519PublicKey))
+    digest, content = _digest(
+        path, keep=isinstance(cert.public_key(), ed25519.Ed25519PublicKey)
+    )
     key = cert.public_key()
     try:
         if isinstance(key, ec.EllipticCurvePublicKey):

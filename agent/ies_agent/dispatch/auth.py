@@ -126,7 +126,10 @@ def load_trust(directories: Iterable[Path]) -> TrustStore:
     try:
         return TrustStore.load(directories)
     except TrustStoreError as exc:
-        raise AuthenticationError(str(exc).replace("publisher", "issuer")) from None
+        text = str(exc).replace("publisher", "issuer")
+        raise AuthenticationError(
+            text.replace("before applying signed manifests", "to accept their events")
+        ) from None
 
 
 def _parse(

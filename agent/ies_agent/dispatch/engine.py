@@ -58,6 +58,8 @@ from ies_agent.signing.manifest import TrustStore
 log = logging.getLogger(__name__)
 
 STATE_FILE = "dispatch-state.json"
+OPT_OUT_DIR = "dispatch-optout"
+"""Opt-out requests from ``ies-agent dispatch optout`` wait here for the engine."""
 AckSink = Callable[[DispatchEvent, dict[str, Any]], Awaitable[bool]]
 """Sends one acknowledgement to the issuer; returns whether it was delivered."""
 
@@ -361,8 +363,7 @@ class DispatchEngine:
                 )
                 self.issuer_seen(active.event.issuer)
                 self._start(active)
-        if self.contact_timeout_s is not None:
-            self._watch = asyncio.create_task(self._watchdog(), name="dispatch:contact")
+        self._watch = asyncio.create_task(self._watchdog(), name="dispatch:watchdog")
 
     async def close(self, *, revert: bool = True) -> None:
         """Stop every event task. With ``revert`` (a clean shutdown) devices are put
@@ -372,7 +373,9 @@ class DispatchEngine:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._watch
         for active in list(self.active.values()):
-            if revert:
+            if revert and active.state in ("ended", "reverted"):
+                await self._revert_all(active, "agent_stopping")
+            elif revert:
                 await self._stop(active, "agent_stopping")
             elif active.task is not None:
                 active.task.cancel()
@@ -536,7 +539,11 @@ class DispatchEngine:
             active.move(final)
         event_id = active.event.event_id
         if active.prior:
-            return  # a revert failed: keep it persisted, recovery tries again
+            # A revert failed: keep the event persisted; close() and the next start
+            # try again, so the device is not left limited.
+            self.finished[event_id] = f"{final}_revert_failed"
+            self._save_state()
+            return
         self.active.pop(event_id, None)
         self.finished[event_id] = final
         self._save_state()
@@ -570,15 +577,38 @@ class DispatchEngine:
             results.append(result)
         self.results[event.event_id] = results
 
+    async def _take_opt_outs(self) -> None:
+        """Act on opt-out requests left in the data directory by the CLI."""
+        inbox = self.state_path.parent / OPT_OUT_DIR
+        if not inbox.is_dir():
+            return
+        for path in sorted(inbox.glob("*.json")):
+            try:
+                request = json.loads(path.read_text(encoding="utf-8"))
+                event_id = str(request["event"])
+                reason = str(request.get("reason", "consumer"))
+            except (OSError, ValueError, KeyError, TypeError):
+                event_id, reason = "", ""
+            path.unlink(missing_ok=True)
+            if event_id:
+                try:
+                    await self.opt_out(event_id, reason)
+                except PolicyPackError as exc:
+                    log.warning("opt-out refused", extra={"kv": {"error": str(exc)}})
+
     async def _watchdog(self) -> None:
-        """Revert the events of issuers not heard from for ``contact_timeout_s``."""
-        assert self.contact_timeout_s is not None
+        """Take opt-out requests; revert the events of issuers not heard from for
+        ``contact_timeout_s``."""
         while True:
-            await asyncio.sleep(min(1.0, self.contact_timeout_s / 4))
+            timeout = self.contact_timeout_s
+            await asyncio.sleep(min(1.0, timeout / 4) if timeout else 0.5)
+            await self._take_opt_outs()
+            if timeout is None:
+                continue
             now = time.monotonic()
             for active in list(self.active.values()):
                 heard = self._contact.get(active.event.issuer, now)
-                if now - heard > self.contact_timeout_s and active.state == "active":
+                if now - heard > timeout and active.state == "active":
                     async with self._lock:
                         self.evidence.append_event(
                             "dispatch_contact_lost",
@@ -694,7 +724,7 @@ class DispatchEngine:
                     for p in item["plan"]
                 ],
             )
-            state = item["state"] if item["state"] in TRANSITIONS else "active"
+            state = "active"  # resumed or reverted by start(), whatever it was
             self.active[event_id] = _Active(
                 event,
                 decision,
@@ -702,3 +732,32 @@ class DispatchEngine:
                 prior=item["prior"],
                 applied={},  # re-apply on resume: the device may have reverted itself
             )
+
+
+def request_opt_out(data_dir: Path, event_id: str, reason: str = "consumer") -> Path:
+    """Ask the running agent to opt out of ``event_id`` (CLI, local web page).
+
+    Writes a request into the data directory, which the engine takes within a second;
+    returns the request's path. Raises ``OSError`` when it cannot be written.
+    """
+    inbox = Path(data_dir) / OPT_OUT_DIR
+    inbox.mkdir(mode=0o750, parents=True, exist_ok=True)
+    safe = "".join(c if c.isalnum() or c in "._-" else "_" for c in event_id)[:100]
+    path = inbox / f"{int(time.time() * 1000)}-{safe}.json"
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"event": event_id, "reason": reason}), encoding="utf-8")
+    os.replace(tmp, path)
+    return path
+
+
+def mqtt_command_handler(
+    engine: DispatchEngine,
+) -> Callable[[str, bytes], Awaitable[None]]:
+    """A handler for the MQTT command registry (``{prefix}/{gw}/cmd/dispatch``):
+    register it with ``CommandRegistry.register("dispatch", handler)``. Each payload
+    is a signed dispatch message (:mod:`ies_agent.dispatch.auth`)."""
+
+    async def handle(name: str, payload: bytes) -> None:
+        await engine.submit_signed(payload, source="mqtt")
+
+    return handle

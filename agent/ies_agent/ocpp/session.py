@@ -99,7 +99,7 @@ class FileCall:
 
 
 class FileBridge(Protocol):
-    """The firmware bridge as the OCPP bridge sees it (``ies_agent.firmware_client``)."""
+    """The firmware bridge as the OCPP bridge sees it (ies_agent.firmware_client)."""
 
     async def for_charger(
         self,
