@@ -10,8 +10,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -56,6 +57,14 @@ def issuer_keys(directory: Path, name: str = "issuer") -> Issuer:
     )
     (directory / f"{name}.pem").write_bytes(pem)
     return Issuer(key, directory)
+
+
+async def until(check: Callable[[], bool], timeout_s: float = 10.0) -> None:
+    """Wait (polling every 50 ms) until ``check()`` holds; fail after ``timeout_s``."""
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while not check():
+        assert asyncio.get_running_loop().time() < deadline, "condition not met"
+        await asyncio.sleep(0.05)
 
 
 def iso(when: datetime) -> str:

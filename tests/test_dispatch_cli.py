@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import asyncio
 from pathlib import Path
 
 from conftest import ROOT
-from dispatch_fixtures import event_body, events, signed_event, soon
+from dispatch_fixtures import event_body, events, signed_event, soon, until
 from ies_agent.cli import main
 from ies_agent.dispatch.engine import mqtt_command_handler
 from ies_agent.upstream.commands import CommandRegistry
@@ -43,8 +42,7 @@ async def test_mqtt_command_and_cli_opt_out_reach_the_engine(tmp_path: Path) -> 
         await registry.dispatch(
             "dispatch", signed_event(body, s.issuer.key), upstream="broker"
         )
-        while s.inverter.limit_pct != 50:
-            await asyncio.sleep(0.05)
+        await until(lambda: s.inverter.limit_pct == 50)
         assert main(
             ["dispatch", "optout", "evt-cmd", "--data-dir", str(s.data_dir),
              "--reason", "guests"]

@@ -31,6 +31,7 @@ from dispatch_fixtures import (
     signed_event,
     signed_pack,
     soon,
+    until,
 )
 from ies_agent.demo.simulator import SunSpecInverter
 from ies_agent.dispatch.auth import load_trust
@@ -114,12 +115,10 @@ async def test_signed_event_limits_the_inverter_and_lifts_it_at_the_end(
         )
         assert decision is not None and decision.accepted
         assert s.inverter.limit_pct is None  # not before the window
-        while datetime.now(UTC) < start + timedelta(seconds=0.5):
-            await asyncio.sleep(0.05)
+        await until(lambda: not (datetime.now(UTC) < start + timedelta(seconds=0.5)))
         assert s.inverter.limit_pct == 50
         assert await registers_pct(s.bus) == (50, 1)
-        while datetime.now(UTC) < start + timedelta(seconds=1.6):
-            await asyncio.sleep(0.05)
+        await until(lambda: not (datetime.now(UTC) < start + timedelta(seconds=1.6)))
         assert s.inverter.limit_pct == 40
         assert await s.engine.wait_finished("evt-1", 5) == "ended"
         # Lifted to the installer's own limit (INST-EXPORT, 80 %), never beyond it.
@@ -267,8 +266,7 @@ async def test_after_a_crash_mid_event_the_event_is_resumed_then_lifted(
         start = soon(0.2)
         body = event_body("evt-crash", start, [{"limit_pct": "30"}] * 3)
         assert await engine.submit_signed(signed_event(body, issuer.key), source="mqtt")
-        while device.limit_pct != 30:
-            await asyncio.sleep(0.05)
+        await until(lambda: device.limit_pct == 30)
         await engine.close(revert=False)  # the agent dies: nothing reverted
         evidence.close()
         device.take_write(device._image.address_of(123, "WMaxLim_Ena"), [0])
@@ -277,8 +275,7 @@ async def test_after_a_crash_mid_event_the_event_is_resumed_then_lifted(
         evidence = EvidenceLog.open(data_dir, gateway_id="gw-dispatch", interval_s=5)
         engine = make_engine(data_dir, issuer, bus, evidence)
         await engine.start()
-        while device.limit_pct != 30:  # resumed: applied again
-            await asyncio.sleep(0.05)
+        await until(lambda: device.limit_pct == 30)  # resumed: applied again
         assert await engine.wait_finished("evt-crash", 5) == "ended"
         assert device.limit_pct == 80  # the installer's own limit
         await engine.close()
@@ -299,8 +296,7 @@ async def test_after_a_crash_past_the_end_the_device_is_reverted(
         await engine.start()
         body = event_body("evt-gone", soon(0.1), [{"limit_pct": "30"}])
         assert await engine.submit_signed(signed_event(body, issuer.key), source="mqtt")
-        while device.limit_pct != 30:
-            await asyncio.sleep(0.05)
+        await until(lambda: device.limit_pct == 30)
         await engine.close(revert=False)
         evidence.close()
         await asyncio.sleep(1.2)  # the event ends while the agent is down
@@ -322,8 +318,7 @@ async def test_an_issuer_gone_silent_makes_the_site_fail_safe(tmp_path: Path) ->
         assert await s.engine.submit_signed(
             signed_event(body, s.issuer.key), source="mqtt"
         )
-        while s.inverter.limit_pct != 50:
-            await asyncio.sleep(0.05)
+        await until(lambda: s.inverter.limit_pct == 50)
         assert await s.engine.wait_finished("evt-quiet", 5) == "reverted"
         assert s.inverter.limit_pct == 80
         assert s.acks[-1]["status"] == "failsafe"
@@ -337,8 +332,7 @@ async def test_the_consumer_opts_out(tmp_path: Path) -> None:
         assert await s.engine.submit_signed(
             signed_event(body, s.issuer.key), source="mqtt"
         )
-        while s.inverter.limit_pct != 50:
-            await asyncio.sleep(0.05)
+        await until(lambda: s.inverter.limit_pct == 50)
         assert await s.engine.opt_out("evt-opt", "too hot today")
         assert s.inverter.limit_pct == 80
         assert s.acks[-1] == {

@@ -215,12 +215,17 @@ async def run_site(
             f"{site.gateway.id}: {len(devices)} devices, log at seq {evidence.size}",
             evidence=evidence,
         )
-        if central is None:
-            await scheduler.run(stop)
-        else:
-            async with asyncio.TaskGroup() as group:
+        async with asyncio.TaskGroup() as group:
+            group.create_task(scheduler.run(stop), name="scheduler")
+            if central is not None:
                 group.create_task(central.serve(stop), name="ocpp:central-system")
-                group.create_task(scheduler.run(stop), name="scheduler")
+                if site.firmware is not None and site.firmware.enabled:
+                    # Firmware and diagnostics files through the separate bridge.
+                    from ies_agent.firmware_client import FirmwareClient
+
+                    files = FirmwareClient(site.firmware.socket, evidence)
+                    files.attach(central)
+                    group.create_task(files.run(stop), name="firmware-bridge")
     finally:
         await service.stopping()
         with contextlib.suppress(Exception):

@@ -58,7 +58,7 @@ class Vtn:
                     "signal_payload": value,
                 }
                 for i, value in enumerate(fractions)
-            ],  # fmt: skip
+            ],
             callback=answered,
             event_id=event_id,
         )

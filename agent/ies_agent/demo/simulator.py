@@ -207,7 +207,7 @@ class SunSpecInverter:
         self.set_pct = 100
         """``WMaxLimPct`` as last written (applies only while ``WMaxLim_Ena`` = 1)."""
         self.revert_s = 0
-        """``WMaxLimPct_RvrtTms`` as last written: the limit lapses after it (0: never)."""
+        """``WMaxLimPct_RvrtTms`` as last written: the limit lapses after it."""
         self._revert_at: float | None = None
         self._image = self._build(None)
 

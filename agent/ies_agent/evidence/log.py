@@ -1021,13 +1021,13 @@ def _refuse_rollback(data_dir: Path, scan: _Scan, checkpoints: _Checkpoints) -> 
         except NoteError as exc:
             raise UnsignedHistoryError(
                 f"checkpoint record {line} of {cp_path} (size {declared}) is not a "
-                f"signed note ({exc}): the file was edited. {_MOVE_ASIDE}"
+                f"signed note ({exc}): the file was edited. {_WILL_NOT_SIGN}"
                 f"{_restore_hint(data_dir)}"
             ) from None
         if checkpoint.size != declared:
             raise UnsignedHistoryError(
                 f"checkpoint record {line} of {cp_path} says size {declared} but its "
-                f"note signs {checkpoint.size}: the file was edited. {_MOVE_ASIDE}"
+                f"note signs {checkpoint.size}: the file was edited. {_WILL_NOT_SIGN}"
                 f"{_restore_hint(data_dir)}"
             )
         if scan.roots.get(declared, checkpoint.root) != checkpoint.root:
@@ -1040,7 +1040,7 @@ def _refuse_rollback(data_dir: Path, scan: _Scan, checkpoints: _Checkpoints) -> 
             )
 
 
-_MOVE_ASIDE = "The agent will not sign over history it cannot check."
+_WILL_NOT_SIGN = "The agent will not sign over history it cannot check."
 
 
 def _restore_hint(data_dir: Path) -> str:
@@ -1074,7 +1074,7 @@ def _unsigned_checkpoints(
             f"{cp_path} is missing, but {log_path} holds {len(events)} checkpoint "
             f"event(s) (the first at seq {events[0]}) whose signed notes it kept: the "
             f"file was deleted, and the log may have been altered with it. "
-            f"{_MOVE_ASIDE}{_restore_hint(data_dir)}"
+            f"{_WILL_NOT_SIGN}{_restore_hint(data_dir)}"
         )
     signed = {size for size, _ in checkpoints.notes}
     crashed: int | None = None
@@ -1096,7 +1096,7 @@ def _unsigned_checkpoints(
             f"the checkpoint event at seq {missing[0]} of {log_path}{more} has no "
             f"signed note (size {missing[0] + 1}) in {cp_path}: the file was edited, "
             f"cut or deleted, and the log may have been altered with it. "
-            f"{_MOVE_ASIDE}{_restore_hint(data_dir)}"
+            f"{_WILL_NOT_SIGN}{_restore_hint(data_dir)}"
         )
     return crashed
 
@@ -1142,7 +1142,7 @@ def _check_newest_note(
     raise UnsignedHistoryError(
         f"the newest checkpoint in {data_dir / CHECKPOINTS_FILE} (size {size}) does "
         f"not verify: {problem}. Its signature was forged or the note altered, or "
-        f"keys/ belongs to another log. {_MOVE_ASIDE} Run `ies-agent verify "
+        f"keys/ belongs to another log. {_WILL_NOT_SIGN} Run `ies-agent verify "
         f"{data_dir} --key FILE` with the gateway's registered key to see what "
         f"changed.{_restore_hint(data_dir)}"
     )
