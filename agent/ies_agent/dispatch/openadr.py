@@ -120,7 +120,7 @@ class OpenAdrVen:
         vtn_fingerprint: str | None = None,
         simple_levels: Mapping[int, str] = DEFAULT_SIMPLE_LEVELS,
     ) -> None:
-        from openleadr import OpenADRClient  # type: ignore[import-untyped]
+        from openleadr import OpenADRClient
 
         self.engine = engine
         self.issuer = issuer

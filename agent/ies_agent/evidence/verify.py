@@ -1428,7 +1428,6 @@ class _LogCheck:
         except NoteError as exc:
             self.add(seq, ERROR, "checkpoint_signature", f"{record.where}: {exc}")
             return None
-        seq = checkpoint.size - 1 if checkpoint.size else None
         if not result.verified_by:
             self.untrusted.append(
                 (len(opened), record, checkpoint, result.unknown_sigs)
