@@ -895,6 +895,15 @@ class _SiteReader:
             except TemplateNotFoundError as exc:
                 self._templates[name] = None
                 listing = ", ".join(exc.known) or "none"
+                from ies_drivers.dlms.profiles import profiles_dir
+
+                if (profiles_dir() / f"{name}.toml").is_file():
+                    self.check.add(
+                        at,
+                        f"'{name}' is a DLMS/COSEM meter profile: put this device on "
+                        'a bus of kind "dlms-hdlc", "dlms-hdlc-tcp" or "dlms-wrapper"',
+                    )
+                    return None
                 self.check.add(
                     at,
                     f"no template '{name}'{did_you_mean(name, exc.known)} "

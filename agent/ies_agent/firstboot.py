@@ -42,6 +42,7 @@ Errors::
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import pwd
@@ -51,7 +52,10 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from ies_agent.config import Site
 
 from ies_drivers.tomlsource import (
     KeyPath,
@@ -215,6 +219,38 @@ def import_site_file(
         gateway_id=site.gateway.id,
         secrets=tuple(secret.name for secret in secrets),
     )
+
+
+def check_boot_file(path: Path) -> tuple[Site, int]:
+    """Check a site file as first boot will use it: inline secrets taken out first.
+
+    Returns the site and how many inline secrets first boot would move into files.
+    Raises :class:`~ies_agent.config.ConfigError` naming the installer's own file and
+    lines. Writes only into a private temporary directory, removed on return.
+    """
+    import tempfile
+
+    from ies_agent.config import ConfigError, load_site
+
+    path = Path(path)
+    try:
+        text, secrets = split_secrets(path)
+    except FirstBootError as exc:
+        raise ConfigError(exc.problems) from None
+    with tempfile.TemporaryDirectory(prefix="ies-agent-check-") as tmp:
+        staged = Path(tmp) / SITE_FILE
+        staged.write_text(text, encoding="utf-8")
+        _write_secrets(Path(tmp) / SECRETS_DIR, secrets, None)
+        # Relative paths (templates, data_dir) resolve beside the installer's file.
+        for entry in path.parent.iterdir():
+            target = Path(tmp) / entry.name
+            if not target.exists():
+                target.symlink_to(entry)
+        try:
+            site = load_site(staged)
+        except ConfigError as exc:
+            raise ConfigError(_relabel(exc.problems, staged, path)) from None
+    return dataclasses.replace(site, path=path), len(secrets)
 
 
 # --- secrets --------------------------------------------------------------------------

@@ -47,13 +47,16 @@ def config_hash(path: Path) -> str:
         return ""
 
 
-def build_devices(site: Site) -> tuple[dict[str, ModbusBus], list[SiteDevice]]:
+def build_devices(
+    site: Site, on_unusable: Callable[[str, str], None] | None = None
+) -> tuple[dict[str, ModbusBus], list[SiteDevice]]:
     """Create one bus owner per Modbus bus and every enabled device.
 
     DLMS meters own their link themselves (one association per meter). Each
     protocol's code is imported only when the site has a device that speaks it.
-    Raises :class:`~ies_agent.dlms_config.DlmsSecretError` when a meter's password or
-    key file is missing or readable by others.
+    A meter whose password or key file is missing or readable by others is left out
+    and reported to ``on_unusable(device_id, message)``; without that callback
+    :class:`~ies_agent.dlms_config.DlmsSecretError` is raised.
     """
     devices: list[SiteDevice] = []
     buses: dict[str, ModbusBus] = {}
@@ -69,7 +72,14 @@ def build_devices(site: Site) -> tuple[dict[str, ModbusBus], list[SiteDevice]]:
     for dev in enabled:
         bus_cfg = site.buses[dev.bus]
         if dev.dlms is not None:
-            devices.append(_dlms_device(dev, bus_cfg))
+            from ies_agent.dlms_config import DlmsSecretError
+
+            try:
+                devices.append(_dlms_device(dev, bus_cfg))
+            except DlmsSecretError as exc:
+                if on_unusable is None:
+                    raise
+                on_unusable(dev.id, str(exc))
             continue
         from ies_agent.devices import ModbusDevice
 
@@ -154,7 +164,15 @@ async def run_site(
         tz=site.gateway.timezone,
         cfg_hash=config_hash(Path(site.path)),
     )
-    buses, devices = build_devices(site)
+
+    def unusable(device_id: str, message: str) -> None:
+        # A device the agent cannot use: say so where it explains the gap.
+        log.warning(
+            "device left out", extra={"kv": {"device": device_id, "why": message}}
+        )
+        evidence.append_event("config_error", {"msg": message[:300]}, src=device_id)
+
+    buses, devices = build_devices(site, unusable)
     for problem in site.skipped:
         # A device entry the agent could not use: say so where it explains the gap.
         log.warning("device left out", extra={"kv": {"problem": str(problem)}})

@@ -56,6 +56,9 @@ def _check(file: str) -> int:
     try:
         site = load_site(file)
     except ConfigError as exc:
+        inline = _check_as_boot_file(file)
+        if inline is not None:
+            return inline
         print(exc)
         count = len(exc.problems)
         print(f"{file}: {count} problem{'s' if count != 1 else ''}, not usable")
@@ -68,6 +71,39 @@ def _check(file: str) -> int:
         print(f"  {line}")
     for warning in warnings(site):
         print(f"warning: {warning}")
+    return 0
+
+
+def _check_as_boot_file(file: str) -> int | None:
+    """Check ``file`` as first boot reads it when it holds inline secrets.
+
+    Returns the exit status, or ``None`` when the file has no inline secrets (then
+    the plain check's problems stand).
+    """
+    from pathlib import Path
+
+    from ies_agent.config import ConfigError
+    from ies_agent.firstboot import FirstBootError, check_boot_file, split_secrets
+
+    try:
+        _, secrets = split_secrets(Path(file))
+    except FirstBootError:
+        return None
+    if not secrets:
+        return None
+    try:
+        site, count = check_boot_file(Path(file))
+    except ConfigError as exc:
+        print(exc)
+        problems = len(exc.problems)
+        print(f"{file}: {problems} problem{'s' if problems != 1 else ''}, not usable")
+        return 1
+    print(
+        f"{file}: ok as a boot-partition file — gateway {site.gateway.id}, "
+        f"{len(site.devices)} devices; {count} inline secret"
+        f"{'s' if count != 1 else ''} will be moved into files only the agent can "
+        "read at first boot (ies-agent run itself takes secrets from *_file keys)"
+    )
     return 0
 
 
@@ -91,12 +127,21 @@ def summary(site: Site) -> list[str]:
         lines.append(line)
     for device in site.devices.values():
         template = device.template
+        state = "" if device.enabled else " (disabled)"
+        if device.dlms is not None:
+            dlms = device.dlms
+            lines.append(
+                f"device   {device.id}: bus {device.bus}, DLMS meter "
+                f"{dlms.server_logical}/{dlms.server_physical}, client "
+                f"{dlms.client_sap} ({dlms.auth}), profile {dlms.profile}, "
+                f"every {device.poll_s:g} s{state}"
+            )
+            continue
         what = (
             "SunSpec, points found at start-up"
             if template.sunspec
             else f"{len(template.points)} points"
         )
-        state = "" if device.enabled else " (disabled)"
         lines.append(
             f"device   {device.id}: bus {device.bus} unit {device.unit}, "
             f"{device.template_name} ({what}), every {device.poll_s:g} s{state}"
@@ -108,13 +153,29 @@ def warnings(site: Site) -> list[str]:
     """Return what may be wrong on this machine only, such as a missing serial port."""
     from pathlib import Path
 
+    from ies_agent.dlms_config import DlmsSecretError, read_secret_file
+
     found = []
     for bus in site.buses.values():
-        if bus.kind == "rtu" and not Path(bus.serial_port).exists():
+        if bus.kind in ("rtu", "dlms-hdlc") and not Path(bus.serial_port).exists():
             found.append(
                 f"bus {bus.id}: serial port {bus.serial_port} does not exist on this "
                 "machine (fine if the file is for another gateway)"
             )
+    for device in site.devices.values():
+        dlms = device.dlms
+        if dlms is None:
+            continue
+        for secret in (dlms.password_file, dlms.keys_file):
+            if secret is None:
+                continue
+            try:
+                read_secret_file(secret)
+            except DlmsSecretError as exc:
+                found.append(
+                    f"device {device.id}: {exc} — the agent will leave this meter "
+                    "out until it is fixed"
+                )
     return found
 
 
@@ -135,5 +196,21 @@ def _templates(dirs: list[str]) -> int:
         print(
             f"{name}: {template.manufacturer} {template.model} ({template.kind}) "
             f"— {loaded.path}"
+        )
+
+    # DLMS/COSEM meter profiles, for devices on dlms-* buses.
+    from ies_drivers.dlms.errors import DlmsError
+    from ies_drivers.dlms.profiles import load_profile, profiles_dir
+
+    for path in sorted(profiles_dir().glob("*.toml")):
+        try:
+            profile = load_profile(path)
+        except DlmsError as exc:
+            print(f"{path.stem}: invalid\n{exc}")
+            status = 1
+            continue
+        print(
+            f"{path.stem}: DLMS/COSEM meter profile, {profile.standard} "
+            f"(for dlms-* buses) — {path}"
         )
     return status

@@ -21,6 +21,7 @@ def main(args: argparse.Namespace) -> int:
 
     from ies_agent.clock import SystemClock
     from ies_agent.config import ConfigError, load_site
+    from ies_agent.dlms_config import DlmsSecretError
     from ies_agent.runtime import build_devices
     from ies_drivers.errors import DriverError
     from ies_drivers.reading import Reading
@@ -37,17 +38,26 @@ def main(args: argparse.Namespace) -> int:
         print(f"{args.config}: no device {args.device!r} (devices: {known})")
         return 2
     one = {args.device: site.devices[args.device]}
-    buses, devices = build_devices(dataclasses.replace(site, devices=one))
+    try:
+        buses, devices = build_devices(dataclasses.replace(site, devices=one))
+    except DlmsSecretError as exc:
+        print(f"{args.device}: {exc}")
+        return 1
     device = devices[0]
 
     async def read() -> tuple[dict[str, str], list[Reading]]:
-        bus = buses[site.devices[args.device].bus]
-        await bus.start()
+        bus = buses.get(site.devices[args.device].bus)  # None: the device owns its link
+        if bus is not None:
+            await bus.start()
         try:
             identity = await device.open()
             readings = await device.read(SystemClock())
         finally:
-            await bus.close()
+            if bus is not None:
+                await bus.close()
+            close = getattr(device, "close", None)
+            if close is not None:
+                await close()
         return identity, readings
 
     try:

@@ -417,6 +417,8 @@ def _banner(
         "(SunSpec 1/103/120/123)\n"
         f"  house meter  {line}, unit 5 (Rishabh Master 3430 map)\n"
         f"  EV meter     same RS-485 line, unit 6 (Eastron SDM630 map)\n"
+        f"  smart meter  DLMS/COSEM TCP wrapper 127.0.0.1:{ports.dlms_meter} "
+        "(IS 15959, low-level security)\n"
         f"  evidence log {data_dir / 'evidence.jsonl'}\n"
         f"  site file    {data_dir / 'site.toml'}\n"
         f"While it runs: ies-agent read --config {data_dir / 'site.toml'} inverter",
