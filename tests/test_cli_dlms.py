@@ -16,8 +16,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from cli_helpers import agent_cmd, agent_env, entries, run_agent
 
+from cli_helpers import agent_cmd, agent_env, entries, run_agent
 from ies_drivers.dlms.server import MeterServer, SimulatedMeter
 
 
@@ -91,7 +91,7 @@ def test_read_a_dlms_meter(meter_site: Path) -> None:
     assert result.returncode == 0, result.stdout + result.stderr
     assert "ser=IES0000099" in result.stdout and "protocol=dlms" in result.stdout
     voltage = next(line for line in result.stdout.splitlines() if "1-0:12.7.0" in line)
-    quantity, value, unit, obis, state = voltage.split()
+    _quantity, value, unit, obis, state = voltage.split()
     assert (unit, obis, state) == ("V", "1-0:12.7.0*255", "ok")
     assert 180 < float(value) < 260
 
