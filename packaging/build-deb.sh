@@ -142,8 +142,10 @@ EOF
     write_copyright "$site" >"$doc/copyright"
     (cd "$site" && ls -d ./*.dist-info | sed 's|^\./||; s|\.dist-info$||') \
         >"$doc/bundled-wheels.txt"
-    install -D -m 0644 packaging/debian/ies-agent.1 "$stage/usr/share/man/man1/ies-agent.1"
-    gzip -9n "$stage/usr/share/man/man1/ies-agent.1"
+    for page in ies-agent ies-firmware-bridge; do
+        install -D -m 0644 "packaging/debian/$page.1" "$stage/usr/share/man/man1/$page.1"
+        gzip -9n "$stage/usr/share/man/man1/$page.1"
+    done
     install -D -m 0644 packaging/debian/lintian-overrides \
         "$stage/usr/share/lintian/overrides/$PACKAGE"
     local conffiles=()

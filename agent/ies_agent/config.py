@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, cast
 
+from ies_agent.dispatch.settings import DispatchConfig, read_dispatch
 from ies_agent.dlms_config import DLMS_DEVICE_KEYS, DlmsDeviceSettings
 from ies_agent.firmware_client import FirmwareConfig, read_firmware
 from ies_agent.ocpp.config import OcppConfig, read_ocpp
@@ -109,6 +110,7 @@ _TOP_KEYS = {
     "ocpp",
     "http",
     "firmware",
+    "dispatch",
 }
 _GATEWAY_KEYS = {"id", "timezone", "interval", "data_dir", "key_alg", "origin", "demo"}
 _COMMON_BUS_KEYS = {"id", "kind", "gap_ms", "timeout_s", "backoff_max_s"}
@@ -278,6 +280,8 @@ class Site:
     """The local web page (``ies_agent.web.config``); None: no page."""
     firmware: FirmwareConfig | None = None
     """The firmware bridge's socket (``ies_agent.firmware_client``); None: none."""
+    dispatch: DispatchConfig | None = None
+    """Dispatch (``ies_agent.dispatch.settings``); None: no ``[dispatch]`` table."""
 
 
 def load_site(
@@ -402,6 +406,14 @@ class _SiteReader:
         ocpp = read_ocpp(check, data, self.resolve, taken_ids=devices)
         http = read_http(check, data, self.resolve)
         firmware = read_firmware(check, data, self.resolve)
+        dispatch = read_dispatch(
+            check,
+            data,
+            self.resolve,
+            devices=devices,
+            declared_devices=self.declared_device_ids(data),
+            ocpp=ocpp,
+        )
         if gateway is None:
             return None
         return Site(
@@ -415,6 +427,7 @@ class _SiteReader:
             ocpp=ocpp,
             http=http,
             firmware=firmware,
+            dispatch=dispatch,
         )
 
     def read_gateway(self, data: dict[str, Any]) -> GatewayConfig | None:
@@ -929,6 +942,14 @@ class _SiteReader:
             return []
         ids = [t.get("id") for t in tables if isinstance(t, dict)]
         return list(dict.fromkeys(i for i in ids if isinstance(i, str)))
+
+    def declared_device_ids(self, data: Mapping[str, Any]) -> list[str]:
+        """Device ids written in the file, even of entries that had problems."""
+        tables = data.get("devices")
+        if not isinstance(tables, list):
+            return []
+        ids = [t.get("id") for t in tables if isinstance(t, dict)]
+        return [i for i in ids if isinstance(i, str)]
 
     def resolve(self, text: str) -> Path:
         """Return ``text`` as a path; relative paths are relative to the site file."""

@@ -22,6 +22,7 @@ from ies_agent.state import AgentState
 if TYPE_CHECKING:
     from ies_agent.config import BusConfig, DeviceConfig, Site
     from ies_agent.devices import SiteDevice
+    from ies_agent.dispatch.settings import DispatchService
     from ies_agent.evidence.log import EvidenceLog
     from ies_agent.ocpp.server import CentralSystem
     from ies_drivers.modbus.bus import ModbusBus
@@ -135,12 +136,17 @@ async def run_site(
     state: AgentState | None = None,
     on_started: Callable[[EvidenceLog, AgentState], Awaitable[None]] | None = None,
     upstream_wait_s: float = 10.0,
+    on_dispatch: Callable[[DispatchService], Awaitable[None]] | None = None,
 ) -> RunResult:
     """Run ``site`` until ``stop`` is set; close the log cleanly on the way out.
 
     The site's ``[[upstreams]]`` connectors run beside the scheduler; after the log
     is closed they get up to ``upstream_wait_s`` seconds to deliver what is left
     (its ``shutdown`` entry and last checkpoint included), then stop.
+
+    With ``[dispatch]`` enabled the dispatch engine starts once the buses and the
+    OCPP central system are up (``on_dispatch`` is then called with it, for the demo)
+    and is closed, reverting what is active, before the buses and the log.
 
     Raises the evidence log's errors (key file with loose permissions, data directory
     locked by another agent) before any device is touched.
@@ -206,6 +212,7 @@ async def run_site(
         evidence=evidence,
     )
     central: CentralSystem | None = None
+    dispatch: DispatchService | None = None
     # The status file for `ies-agent status`, chart history and (with [http]) the page.
     from ies_agent.web.service import OperatorService
 
@@ -227,6 +234,28 @@ async def run_site(
         for bus in buses.values():
             await bus.start()
         await operator.start()
+        if site.dispatch is not None and site.dispatch.enabled:
+            # Dispatch acts on the buses and chargers started above.
+            from ies_agent.dispatch.settings import start_dispatch
+            from ies_agent.evidence.log import LOG_FILE
+
+            dispatch = await start_dispatch(
+                site,
+                buses=buses,
+                central=central,
+                evidence=evidence,
+                evidence_path=data_dir / LOG_FILE,
+                data_dir=data_dir,
+                commands=upstreams.commands,
+                mqtt_transports=[
+                    c.transport
+                    for c in upstreams.connectors
+                    if c.transport.kind == "mqtt"
+                ],
+                state=state,
+            )
+            if dispatch is not None and on_dispatch is not None:
+                await on_dispatch(dispatch)
         if on_started is not None:
             await on_started(evidence, state)
         await service.started(
@@ -244,8 +273,15 @@ async def run_site(
                     files = FirmwareClient(site.firmware.socket, evidence)
                     files.attach(central)
                     group.create_task(files.run(stop), name="firmware-bridge")
+            if dispatch is not None and dispatch.ven is not None:
+                group.create_task(dispatch.run_ven(stop), name="dispatch:openadr-ven")
     finally:
         await service.stopping()
+        if dispatch is not None:
+            try:
+                await dispatch.close()  # revert whatever is still limited
+            except Exception:
+                log.exception("dispatch did not close cleanly")
         with contextlib.suppress(Exception):
             await operator.close()
         for bus in buses.values():

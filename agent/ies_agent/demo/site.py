@@ -341,6 +341,16 @@ async def run_demo(
         site_path = data_dir / "site.toml"
         text = site_file(data_dir, ports, interval_s)
         text += demo_ocpp_table(ocpp_port, csms_url)
+        # A scripted dispatch: demo keys and a signed pack made here, now.
+        from ies_agent.demo.dispatch import DemoDispatch
+
+        scripted = DemoDispatch(
+            data_dir, interval_s, tuple(c.charger_id for c in chargers.chargers)
+        )
+        try:
+            text += scripted.prepare()
+        except OSError as exc:
+            raise DemoError(f"cannot write the demo's dispatch keys: {exc}") from None
         if http is not None:
             from ies_agent.web.demo import demo_http_table
 
@@ -359,19 +369,26 @@ async def run_demo(
             + (f"; bridged to {csms_url}" if csms_url else ""),
             flush=True,
         )
+        print(scripted.banner(), flush=True)
         chargers.start()
         ending = asyncio.create_task(wind_down(), name="demo:wind-down")
         try:
             result = await run_site(
-                site, stop, data_dir=data_dir, upstream_wait_s=upstream_wait_s
+                site,
+                stop,
+                data_dir=data_dir,
+                upstream_wait_s=upstream_wait_s,
+                on_dispatch=scripted.started,
             )
         except (EvidenceError, OcppSetupError, WebSetupError) as exc:
             failure = str(exc)
         finally:
             finish.set()
             await ending
+            await scripted.close()
         if failure is None:
             print("\nchargers:\n" + chargers.summary())
+            print("\n" + scripted.summary())
     if failure is not None:
         # Raised here, outside the simulators' task group, so it reads as a message.
         raise DemoError(failure)

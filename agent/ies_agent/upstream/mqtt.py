@@ -13,6 +13,7 @@ topic               QoS    retain  what
 ``ack``             1      --      inbound: a collector's ``{"upto": N}``
                                    (subscribed with ``e2e_ack = true``)
 ``cmd/<name>``      1      --      inbound commands, to the command registry
+``dispatch/ack``    1      no      acknowledgements of dispatch events to their issuer
 ==================  =====  ======  =====================================================
 
 A batch counts as delivered only when the broker's PUBACK for its QoS 1 PUBLISH
@@ -38,7 +39,7 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
@@ -101,6 +102,9 @@ class MqttTransport:
         self.topic_telemetry = f"{base}/telemetry"
         self.topic_ack = f"{base}/ack"
         self.topic_commands = f"{base}/cmd/"
+        self.topic_dispatch_ack = f"{base}/dispatch/ack"
+        self.session: MqttSession | None = None
+        """The live session, while connected (for :meth:`publish_dispatch_ack`)."""
         self.client_id = config.client_id or f"{gateway_id}-{config.name}"
         self.state = state
         self.commands = commands
@@ -136,9 +140,36 @@ class MqttTransport:
         session = MqttSession(self, client)
         try:
             await session.start()
+            self.session = session
             yield session
         finally:
+            self.session = None
             await session.close(shutdown=self._shutdown)
+
+    async def publish_dispatch_ack(self, body: Mapping[str, Any]) -> bool:
+        """Publish a dispatch acknowledgement (JSON) on ``dispatch/ack`` at QoS 1.
+
+        Returns whether the broker took it (PUBACK within ``timeout_s``); ``False``
+        while not connected or when the publish fails: the caller records that.
+        """
+        session = self.session
+        if session is None or session.lost.is_set():
+            return False
+        payload = json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
+        try:
+            await session.client.publish(
+                self.topic_dispatch_ack,
+                payload,
+                qos=1,
+                timeout=self.config.timeout_s,
+            )
+        except Exception as exc:  # aiomqtt.MqttError and timeouts: not delivered
+            log.warning(
+                "dispatch acknowledgement not published",
+                extra={"kv": {"upstream": self.config.name, "error": str(exc)}},
+            )
+            return False
+        return True
 
     # --- connecting -------------------------------------------------------------------
 
