@@ -21,12 +21,19 @@ from pathlib import Path
 import pytest
 
 from cli_helpers import agent_cmd, agent_env, entries, run_agent
-from dispatch_fixtures import event_body, issuer_keys, signed_pack, sunny
+from dispatch_fixtures import (
+    event_body,
+    issuer_keys,
+    signed_event,
+    signed_pack,
+    sunny,
+)
 from ies_agent.config import ConfigError, load_site
 from ies_agent.demo.simulator import SunSpecInverter, sim_device
 from ies_agent.dispatch import mv
 from ies_agent.dispatch.model import parse_event
 from ies_agent.dispatch.settings import KIND_CHARGER, KIND_INVERTER
+from peers.mosquitto import Mosquitto, mosquitto_available
 from test_cli_read import ServerThread
 
 CHARGERS = ("demo-cp-16", "demo-cp-201")
@@ -174,41 +181,21 @@ def test_run_with_dispatch_reverts_a_stale_event_and_stops_cleanly(
     )
     data = tmp_path / "data"
     data.mkdir()
-    (data / "dispatch-state.json").write_text(
-        json.dumps(
-            {
-                "version": 1,
-                "seen": {"discom-test/stale-1": 0},
-                "days": {},
-                "active": {
-                    "stale-1": {
-                        "event": event.to_document(),
-                        "source": "mqtt",
-                        "signed_by": "k",
-                        "state": "active",
-                        "pack": "test-site@1",
-                        "plan": [
-                            {
-                                "device": "inverter",
-                                "kind": KIND_INVERTER,
-                                "unit": "pct",
-                                "values": ["40", "40"],
-                            }
-                        ],
-                        "prior": {
-                            "inverter": {
-                                "model": "123",
-                                "pct": "100",
-                                "enabled": "0",
-                                "revert_s": "0",
-                            }
-                        },
-                        "applied": {"inverter": "40"},
-                    }
-                },
-            }
-        )  # fmt: skip
-    )
+    persisted = {
+        "version": 1,
+        "seen": {"discom-test/stale-1": 0},
+        "days": {},
+        "active": {"stale-1": {
+            "event": event.to_document(), "source": "mqtt", "signed_by": "k",
+            "state": "active", "pack": "test-site@1",
+            "plan": [{"device": "inverter", "kind": KIND_INVERTER, "unit": "pct",
+                      "values": ["40", "40"]}],
+            "prior": {"inverter": {"model": "123", "pct": "100", "enabled": "0",
+                                   "revert_s": "0"}},
+            "applied": {"inverter": "40"},
+        }},
+    }  # fmt: skip
+    (data / "dispatch-state.json").write_text(json.dumps(persisted))
     inverter = SunSpecInverter(1)
     sunny(inverter)
     inverter.set_pct, inverter.limit_pct, inverter.revert_s = 40, 40, 0  # still limited
@@ -261,7 +248,8 @@ def test_run_with_dispatch_reverts_a_stale_event_and_stops_cleanly(
             "dispatch.trust_dir: ",
         ),
         (
-            f'\n[dispatch]\n[[dispatch.devices]]\nid = "cp-9"\nkind = "{KIND_CHARGER}"\n',
+            '\n[dispatch]\n[[dispatch.devices]]\nid = "cp-9"\n'
+            f'kind = "{KIND_CHARGER}"\n',
             "dispatch.devices[0].id: 'cp-9': chargers need the [ocpp] table",
         ),
         (
@@ -317,3 +305,81 @@ def test_a_dispatch_table_reads_into_settings(tmp_path: Path) -> None:
     assert [(d.device_id, d.kind, d.groups) for d in config.devices] == [
         ("inverter", KIND_INVERTER, ("pv",))
     ]
+
+
+@pytest.mark.skipif(
+    not mosquitto_available(),
+    reason="needs Debian's mosquitto (apt-get install mosquitto)",
+)
+def test_run_takes_a_signed_event_over_mqtt_and_acks_on_its_channel(
+    tmp_path: Path,
+) -> None:
+    issuer = issuer_keys(tmp_path / "trust")
+    signed_pack(tmp_path / "site.pack.json", issuer.key)
+    broker = Mosquitto(tmp_path / "broker")
+    broker.start()
+    inverter = SunSpecInverter(1)
+    sunny(inverter)
+    base = "ies/gw-dispatch"
+    try:
+        with ServerThread([sim_device(1, inverter)]) as server:
+            site = tmp_path / "site.toml"
+            _write_site(
+                site,
+                server.port,
+                '\n[[upstreams]]\nname = "broker"\nkind = "mqtt"\n'
+                f'url = "{broker.url}"\n'
+                "backoff_max_s = 1\ntelemetry_s = 0\n"
+                '\n[dispatch]\ntrust_dir = "trust"\npolicies = ["site.pack.json"]\n'
+                f'\n[[dispatch.devices]]\nid = "inverter"\nkind = "{KIND_INVERTER}"\n',
+            )
+            acks = subprocess.Popen(
+                ["mosquitto_sub", "-p", str(broker.port), "-q", "1", "-C", "4",
+                 "-W", "40", "-t", f"{base}/dispatch/ack"],
+                stdout=subprocess.PIPE, text=True,
+            )  # fmt: skip
+            agent = subprocess.Popen(
+                agent_cmd("run", "--config", str(site)),
+                env=agent_env(),
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            online = subprocess.run(
+                ["mosquitto_sub", "-p", str(broker.port), "-C", "1", "-W", "20",
+                 "-t", f"{base}/status"],
+                capture_output=True, text=True, timeout=30, check=False,
+            )  # fmt: skip
+            assert '"online"' in online.stdout, online
+            start = datetime.now(UTC) + timedelta(seconds=2)
+            body = event_body("mqtt-1", start, [{"limit_pct": "45"}] * 2, interval_s=2)
+            (tmp_path / "event.json").write_bytes(signed_event(body, issuer.key))
+            subprocess.run(
+                ["mosquitto_pub", "-p", str(broker.port), "-q", "1", "-t",
+                 f"{base}/cmd/dispatch", "-f", str(tmp_path / "event.json")],
+                check=True, timeout=10,
+            )  # fmt: skip
+            limited = False
+            deadline = time.monotonic() + 15
+            while time.monotonic() < deadline and acks.poll() is None:
+                limited = limited or inverter.limit_pct == 45
+                time.sleep(0.05)
+            received, _ = acks.communicate(timeout=30)
+            agent.send_signal(signal.SIGTERM)
+            out, err = agent.communicate(timeout=30)
+    finally:
+        broker.stop()
+    assert agent.returncode == 0, out + err
+    assert limited  # the inverter really took the limit during the event
+    messages = [json.loads(line) for line in received.splitlines()]
+    assert [m["status"] for m in messages] == [
+        "received",
+        "accepted",
+        "started",
+        "ended",
+    ]
+    assert all(m["event"] == "mqtt-1" and m["gw"] == "gw-dispatch" for m in messages)
+    log = entries(tmp_path / "data")
+    delivered = [e for e in log if e.get("ev") == "dispatch_ack"]
+    assert [e["delivered"] for e in delivered] == [True] * 4
+    assert inverter.limit_pct == 80  # reverted to the installer's limit

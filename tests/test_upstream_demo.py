@@ -6,7 +6,8 @@ restarted. A collector with a persistent session must then hold every ``seq`` of
 log, none missing, and ``ies-agent verify`` on what it received (written as
 ``evidence.jsonl`` + ``checkpoints.jsonl`` beside the gateway's verifier key) must
 exit 0. The same run's ``ies-agent export --format ies-meterdata`` must validate
-against the IES MeterData v0.6 schema and the rules of its validation cases.
+against the IES MeterData v0.6 schema and the rules of its validation cases, and
+its interval rows must sit on the boundary readings of the log.
 
 This is the slowest upstream test (about 50 s): the duration is the acceptance
 criterion itself.
@@ -19,12 +20,15 @@ import subprocess
 import sys
 import time
 from decimal import Decimal
+from itertools import pairwise
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from peers.ies_endpoint import load_codes, load_schema_validator, meterdata_problems
 from peers.mosquitto import Collector, Mosquitto, mosquitto_available
+from upstream_fixtures import interval_blocks, time_ms
 
 pytestmark = pytest.mark.skipif(
     not mosquitto_available(),
@@ -99,3 +103,49 @@ def test_demo_through_a_15_s_broker_outage_delivers_every_seq(tmp_path: Path) ->
     assert meterdata_problems(document, load_codes()) == []
     kinds = {p["profileType"] for p in document}
     assert kinds == {"DESCRIPTOR", "INTERVAL", "INSTANTANEOUS"}
+    assert_rows_open_and_close_on_boundary_readings(document, lines)
+
+
+def assert_rows_open_and_close_on_boundary_readings(
+    document: list[dict[str, Any]], lines: list[bytes]
+) -> None:
+    """Every INTERVAL row of the demo (Modbus, SunSpec, DLMS meters and OCPP chargers
+    whose meter values come between boundaries) opens and closes on the first
+    reading of its register in the first fifth of an interval after a boundary; the
+    rows of a register chain and add up to its rise."""
+    entries = [json.loads(line) for line in lines]
+    boot = entries[0]
+    interval_ms = boot["interval_s"] * 1000
+    refs = {
+        e["dev"].get("ser") or e["dev"].get("serial"): e["src"]
+        for e in entries
+        if e.get("ev") == "source"
+    }
+    first_reading: dict[tuple[str, str, int], Decimal] = {}
+    for e in entries:
+        if e["type"] != "reading" or e.get("st") != "G" or "obis" not in e:
+            continue
+        t_ms = time_ms(e["t"].replace("Z", "+00:00"))
+        boundary = t_ms - t_ms % interval_ms  # the demo's zone is whole minutes off
+        if t_ms - boundary < interval_ms // 5:
+            cde = e["obis"].split(":")[1].split("*")[0]
+            scale = {"Wh": -3, "kWh": 0, "VAh": -3, "kVAh": 0}.get(e["unit"])
+            if scale is not None:
+                key = (e["src"], cde, boundary)
+                first_reading.setdefault(key, Decimal(e["val"]).scaleb(scale))
+    registers = {
+        "kWh imp block": "1.8.0",
+        "kWh exp block": "2.8.0",
+        "kVAh imp block": "9.8.0",
+    }
+    checked = 0
+    for (meter, kind), rows in interval_blocks([document]).items():
+        src = refs.get(meter) or meter.split("/", 1)[1]
+        cde = registers[kind]
+        for row in rows:
+            assert row.opening == first_reading[(src, cde, row.start_ms)], (meter, row)
+            assert row.closing == first_reading[(src, cde, row.end_ms)], (meter, row)
+            checked += 1
+        assert all(a.closing == b.opening for a, b in pairwise(rows)), meter
+        assert sum(r.value for r in rows) == rows[-1].closing - rows[0].opening
+    assert checked > 40

@@ -19,11 +19,21 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from ies_agent.cli import main as cli
 from ies_agent.state import AgentState
+from ies_agent.upstream import ies_https
 from ies_agent.upstream.manager import Upstreams
+from ies_agent.upstream.meterdata import profiles_from_lines
 from ies_agent.upstream.settings import UpstreamConfig
 from peers.ies_endpoint import IesEndpoint
 from peers.mosquitto import TestPki
-from upstream_fixtures import GATEWAY, log_lines, write_site_log
+from upstream_fixtures import (
+    GATEWAY,
+    MixedSite,
+    expected_blocks,
+    instant_snapshots,
+    interval_blocks,
+    log_lines,
+    write_site_log,
+)
 
 SUBSCRIBER = "gw.discom.example"
 KEY_ID = "k1"
@@ -126,6 +136,56 @@ async def test_signed_meterdata_and_evidence_arrive_valid_and_complete(
     # Interval rows spanning batch boundaries still came out (7 entries a batch).
     assert endpoint.profiles > 8
     assert state.upstreams["ies"].acked == len(log_lines(data)) - 1
+
+
+async def test_meterdata_rows_chain_across_batches_and_agent_restarts(
+    tmp_path: Path,
+    endpoint: IesEndpoint,
+    pki: TestPki,
+    signing_key: tuple[Path, bytes],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The IES upstream builds MeterData batch by batch (7 entries each) and, after
+    a restart, from a short look back into the log: what the endpoint receives, put
+    together, is exactly what the export makes of the whole log, and what the log's
+    boundary readings say."""
+    # A short first look back makes the upstream find the boot settings and read
+    # further back for the openings of its first rows, as on a large log.
+    monkeypatch.setattr(ies_https, "PRIME_ENTRIES", 8)
+    data = tmp_path / "data"
+    site = MixedSite(data)
+    site.run(5, grid_missing=[3], charger_missing=[1])
+    url = f"https://127.0.0.1:{endpoint.port}/beckn"
+    refs = {"grid": "did:web:discom.example:meter:SM-0001"}
+    upstreams, _ = upstreams_for(data, direct(url, pki, signing_key[0]))
+    upstreams.start()
+    assert await upstreams.finish(20)
+    # The gateway was off for two boundaries, then runs on; its upstream stops in
+    # the middle (the endpoint fails), and a third run delivers the rest.
+    site.run(6, skip_before=2, charger_missing=[8])
+    endpoint.ack_limit = len(endpoint.meter_data) + 9
+    upstreams, state = upstreams_for(data, direct(url, pki, signing_key[0]))
+    upstreams.start()
+    assert not await upstreams.finish(1.0)
+    assert 0 < state.upstreams["ies"].acked < len(log_lines(data)) - 1
+    endpoint.ack_limit = None
+    upstreams, _ = upstreams_for(data, direct(url, pki, signing_key[0]))
+    upstreams.start()
+    assert await upstreams.finish(20)
+    assert_complete_and_verifies(endpoint, data, tmp_path)
+
+    exported = profiles_from_lines(log_lines(data), gateway_id=GATEWAY, meter_refs=refs)
+    received = interval_blocks(endpoint.meter_data)
+    assert received == interval_blocks([exported])
+    assert received == expected_blocks(
+        site,
+        {
+            "grid": refs["grid"],
+            "smart": f"{GATEWAY}/smart",
+            "cp-1/1": f"{GATEWAY}/cp-1/1",
+        },
+    )
+    assert instant_snapshots(endpoint.meter_data) == instant_snapshots([exported])
 
 
 async def test_nack_401_500_slow_and_silent_are_retried_until_acked(

@@ -253,3 +253,34 @@ def test_web_password_command_stores_only_a_hash(tmp_path: Path) -> None:
     )
     assert short.returncode == 1
     assert "at least" in short.stdout
+
+
+async def test_consumer_opt_out_through_the_local_api(
+    served: tuple[WebServer, str],
+) -> None:
+    import json
+
+    from ies_agent.dispatch.engine import OPT_OUT_DIR
+
+    server, url = served
+    inbox = server.facts.data_dir / OPT_OUT_DIR
+    async with client() as http:
+        body = {"event": "evt-42", "reason": "guests at home"}
+        async with http.post(url + "/api/dispatch/optout", json=body) as response:
+            assert response.status == 401  # nothing changes without authentication
+        assert not inbox.exists()
+        bearer = {"Authorization": f"Bearer {PASSWORD}"}
+        async with http.post(
+            url + "/api/dispatch/optout", json={"reason": "x"}, headers=bearer
+        ) as response:
+            assert response.status == 400
+        async with http.post(
+            url + "/api/dispatch/optout", json=body, headers=bearer
+        ) as response:
+            assert response.status == 200
+    # The request waits in the data directory for the dispatch engine to take it.
+    (request,) = inbox.glob("*.json")
+    assert json.loads(request.read_text()) == {
+        "event": "evt-42",
+        "reason": "guests at home",
+    }

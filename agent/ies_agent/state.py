@@ -7,6 +7,7 @@ only the latest value per quantity, so its size is bounded by the site's configu
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -147,6 +148,8 @@ class AgentState:
     upstreams: dict[str, UpstreamState] = field(default_factory=dict)
     storage: dict[str, Any] = field(default_factory=dict)
     chargers: dict[str, ChargerStatus] = field(default_factory=dict)
+    dispatch_events: Iterable[dict[str, Any]] | None = None
+    """Current and recent dispatch events, newest first, when ``[dispatch]`` runs."""
 
     def charger(self, charger_id: str) -> ChargerStatus:
         """Return the status of charger ``charger_id``, creating it on first use."""

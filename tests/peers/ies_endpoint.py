@@ -9,10 +9,12 @@ case). For every request it:
   (libsodium) for Ed25519 — not ``cryptography``, not ``ies_agent.upstream.beckn``;
 - validates the MeterData profiles against the IES v0.6 JSON schema (jsonschema) and
   against the rules of the IES validation cases (:func:`meterdata_problems`);
-- keeps one copy of every evidence entry by ``seq`` and of every checkpoint.
+- keeps one copy of every evidence entry by ``seq`` and of every checkpoint, and the
+  MeterData profiles of every request it acknowledged (``meter_data``).
 
 Its ``mode`` decides the answer: ``ack``, ``nack`` (200 with a NACK body), ``401``,
-``500``, ``slow`` (ACK after ``slow_s``) or ``silent`` (never answers).
+``500``, ``slow`` (ACK after ``slow_s``) or ``silent`` (never answers). With
+``ack_limit`` set, it answers 500 once it has acknowledged that many requests.
 """
 
 from __future__ import annotations
@@ -186,6 +188,8 @@ class IesEndpoint:
         self.answers: list[int] = []
         self.invalid: list[str] = []
         self.profiles = 0
+        self.meter_data: list[list[dict[str, Any]]] = []
+        self.ack_limit: int | None = None
         self.actions: list[str] = []
         self._validator = load_schema_validator()
         self._codes = load_codes()
@@ -278,7 +282,9 @@ class IesEndpoint:
         if mode == "401":
             self.answers.append(401)
             return web.json_response(_nack("401", "unknown participant"), status=401)
-        if mode == "500":
+        if mode == "500" or (
+            self.ack_limit is not None and len(self.meter_data) >= self.ack_limit
+        ):
             self.answers.append(500)
             return web.json_response({"error": {"errorCode": "500"}}, status=500)
         failure = self._verify(request.headers.get("Authorization"), body)
@@ -309,6 +315,7 @@ class IesEndpoint:
             self.answers.append(200)
             return web.json_response(_nack("30001", "not accepting data now"))
         self.profiles += len(meter_data)
+        self.meter_data.append(meter_data)
         for entry in evidence["entries"]:
             line = json.dumps(
                 entry, sort_keys=True, separators=(",", ":"), ensure_ascii=False

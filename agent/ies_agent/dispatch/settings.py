@@ -79,6 +79,7 @@ if TYPE_CHECKING:
     from ies_agent.dispatch.openadr import OpenAdrVen
     from ies_agent.ocpp.config import OcppConfig
     from ies_agent.ocpp.server import CentralSystem
+    from ies_agent.state import AgentState
     from ies_agent.upstream.commands import CommandRegistry
     from ies_drivers.modbus.bus import ModbusBus
 
@@ -90,9 +91,6 @@ KIND_CHARGER = "ocpp-charger"
 DEFAULT_COMMAND = "dispatch"
 DEFAULT_METHOD = "high-5-of-10"
 DEFAULT_QUANTITY = "1-0:1.8.0*255"
-EVENTS_ATTRIBUTE = "dispatch_events"
-"""The :class:`~ies_agent.state.AgentState` attribute the local page lists events from
-(:meth:`ies_agent.web.facts.Facts.dispatch_facts`)."""
 
 DISPATCH_KEYS = {
     "enabled",
@@ -588,7 +586,7 @@ async def start_dispatch(
     data_dir: Path,
     commands: CommandRegistry,
     mqtt_transports: Sequence[Any] = (),
-    state: object | None = None,
+    state: AgentState | None = None,
 ) -> DispatchService | None:
     """Build, start and connect the dispatch engine of ``site`` (``[dispatch]``).
 
@@ -689,7 +687,7 @@ async def start_dispatch(
     if config.openadr is not None:
         service.ven = _ven(engine, config.openadr, evidence)
     if state is not None:
-        setattr(state, EVENTS_ATTRIBUTE, DispatchEventsView(engine))
+        state.dispatch_events = DispatchEventsView(engine)
     log.info(
         "dispatch started",
         extra={

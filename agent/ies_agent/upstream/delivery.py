@@ -43,7 +43,7 @@ from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from ies_agent.evidence.errors import EvidenceError
 from ies_agent.state import UpstreamState
@@ -65,6 +65,8 @@ CURSOR_SAVE_S = 1.0
 """Longest a changed cursor waits in memory before it is written (seconds)."""
 POLL_S = 1.0
 """How often a connector looks at the log files when nothing woke it (seconds)."""
+BACKLOG_REFRESH_S = 0.5
+"""Shortest time between two backlog counts while the log grows (seconds)."""
 MAX_CHECKPOINTS_PER_BATCH = 64
 
 TRANSITIONS: dict[str, frozenset[str]] = {
@@ -222,6 +224,12 @@ class LogSource:
             return self.log.sync() + 1
         return self._reader.count()
 
+    def known_durable_end(self) -> int:
+        """Like :meth:`durable_end`, without asking the writer to fsync now."""
+        if self.log is not None and not self.log.closed:
+            return self.log.durable_seq + 1
+        return self._reader.count()
+
     def detach(self) -> None:
         """Stop listening to the writer (it is being closed)."""
         if self.log is not None:
@@ -279,6 +287,8 @@ class Connector:
         self._in_outage = False
         self._outage_started = 0.0
         self._ever_connected = False
+        self._backlog_wake = source.waker()
+        self._backlog_end = (0, 0)  # durable end: (entries, bytes)
         state.kind = transport.kind
         state.target = transport.target
         transport.bind(self)
@@ -298,6 +308,10 @@ class Connector:
     def history(self, seq: int, count: int) -> list[bytes]:
         """Return up to ``count`` entry lines before ``seq`` (for stateful encoders)."""
         return self.reader.history(seq, count)
+
+    def last_event(self, seq: int, ev: str) -> dict[str, Any] | None:
+        """Return the last ``ev`` event entry before ``seq`` (e.g. the ``boot``)."""
+        return self.reader.last_event(seq, ev)
 
     def confirm(self, upto: int) -> None:
         """Take an end-to-end confirmation: the collector holds ``0..upto``."""
@@ -334,6 +348,9 @@ class Connector:
         credential problems (they are logged once and retried with back-off).
         """
         self._load_cursor()
+        watcher = asyncio.create_task(
+            self._watch_backlog(), name=f"upstream:{self.name}:backlog"
+        )
         try:
             while True:
                 if self._draining and self.caught_up():
@@ -361,6 +378,9 @@ class Connector:
                 self._enter("waiting")
                 await self._sleep(self.backoff.next_delay())
         finally:
+            watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watcher
             self._enter("stopped")
             self._save_cursor(force=True)
             self.reader.close()
@@ -396,7 +416,7 @@ class Connector:
                     self._acknowledged(batch)
                     continue
                 self._save_cursor()
-                self._update_backlog()
+                self.refresh_backlog()
                 if self._in_outage:
                     self._recovered()
                 if self._draining and self.caught_up():
@@ -469,6 +489,7 @@ class Connector:
         self.state.acked = cursor.acked
         self.state.checkpoints = cursor.checkpoints
         self.state.last_ack_ms = int(time.time() * 1000)
+        self._count_backlog()
         self.backoff.reset()
         if self._in_outage:
             self._recovered()
@@ -520,7 +541,7 @@ class Connector:
         self.state.acked = self.cursor.acked
         self.state.confirmed = self.cursor.confirmed
         self.state.checkpoints = self.cursor.checkpoints
-        self._update_backlog()
+        self.refresh_backlog()
 
     def _save_cursor(self, *, force: bool = False) -> None:
         if not self._cursor_dirty:
@@ -548,11 +569,40 @@ class Connector:
         except EvidenceError:
             return self.reader.count()
 
-    def _update_backlog(self) -> None:
-        end = self._durable_end()
+    def refresh_backlog(self) -> None:
+        """Count the backlog now: durable entries beyond the cursor, and their bytes.
+
+        ``backlog_entries`` is (durable size of the log - 1 - cursor),
+        ``backlog_bytes`` the bytes of those entries in ``evidence.jsonl``. Runs
+        whenever the log grows (at most every ``BACKLOG_REFRESH_S``), connected or
+        not, and after acknowledgements. A log that cannot be read leaves the last
+        count (the delivery loop reports that problem).
+        """
+        end = self.source.known_durable_end()
+        try:
+            if end >= self.reader.count():
+                end, end_offset = self.reader.count(), self.reader.size_bytes()
+            else:
+                end_offset = self.reader.locate(end)
+        except (UpstreamError, OSError):
+            return
+        self._backlog_end = (end, end_offset)
+        self._count_backlog()
+
+    def _count_backlog(self) -> None:
+        """Set the backlog from the last durable end counted and the cursor."""
+        end, end_offset = self._backlog_end
         self.state.backlog_entries = max(0, end - 1 - self.cursor.acked)
-        size = self.reader.size_bytes()
-        self.state.backlog_bytes = max(0, size - self.cursor.offset)
+        self.state.backlog_bytes = max(0, end_offset - self.cursor.offset)
+
+    async def _watch_backlog(self) -> None:
+        """Keep the backlog counted as the log grows, in every state of the loop."""
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._backlog_wake.wait(), timeout=POLL_S)
+            self._backlog_wake.clear()
+            self.refresh_backlog()
+            await asyncio.sleep(BACKLOG_REFRESH_S)
 
     # --- outages: logged once, recovery once ------------------------------------------
 
@@ -589,7 +639,7 @@ class Connector:
         self._in_outage = True
         self._outage_started = time.monotonic()
         self.state.outage_since_ms = int(time.time() * 1000)
-        self._update_backlog()
+        self.refresh_backlog()
         level = (
             logging.ERROR if isinstance(exc, AuthError | TlsError) else logging.WARNING
         )
@@ -609,7 +659,7 @@ class Connector:
     def _recovered(self) -> None:
         self._in_outage = False
         self.state.outage_since_ms = None
-        self._update_backlog()
+        self.refresh_backlog()
         log.info(
             "upstream reachable again; replaying from the cursor",
             extra={

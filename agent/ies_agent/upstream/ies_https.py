@@ -67,8 +67,11 @@ METERDATA_CONTEXT = (
     "context.jsonld"
 )
 PRIME_ENTRIES = 4096
-"""Entries read back before a batch that does not follow the last one, so the
-MeterData builder knows the opening register values of its first interval."""
+"""Entries first read back before a batch that does not follow the last one, so the
+MeterData builder knows the opening register values of its first rows."""
+PRIME_MAX_ENTRIES = 65536
+"""At most this many are read back (the window grows fourfold while a register's
+chain starts inside the batch, i.e. its opening reading lies further back)."""
 
 
 class IesHttpsTransport:
@@ -127,8 +130,6 @@ class IesHttpsTransport:
         connector = self.connector
         assert connector is not None
         builder = self._builder_for(batch)
-        builder.forget_output()
-        builder.feed(json.loads(line) for line in batch.lines)
         self._builders[batch.last + 1] = builder
         for key in [k for k in self._builders if k < batch.first - PRIME_ENTRIES]:
             del self._builders[key]
@@ -195,21 +196,47 @@ class IesHttpsTransport:
         return headers
 
     def _builder_for(self, batch: Batch) -> MeterDataBuilder:
-        """The builder state right after ``batch.first - 1``; primed from the log."""
+        """A builder fed with ``batch``, holding the rows and snapshots it completes.
+
+        After the previous batch it continues that batch's builder. Otherwise (the
+        first batch of a run, a resend) it starts from the ``boot`` settings in force
+        at ``batch.first`` and primes itself from the entries just before it,
+        reading further back while a register's chain would start inside the batch
+        with its opening reading out of reach.
+        """
         import copy
 
+        entries = [json.loads(line) for line in batch.lines]
         known = self._builders.get(batch.first)
         if known is not None:
-            return copy.deepcopy(known)
+            builder = copy.deepcopy(known)
+            builder.forget_output()
+            builder.feed(entries)
+            return builder
         assert self.connector is not None
-        builder = MeterDataBuilder(
-            gateway_id=self.gateway_id, meter_refs=self.config.meter_refs
-        )
-        if batch.first > 0:
-            history = self.connector.history(batch.first, PRIME_ENTRIES)
-            # Replay from the log's first boot event in reach, for interval and zone.
+        settings: dict[str, Any] = {}
+        boot = self.connector.last_event(batch.first, "boot") if batch.first else None
+        if boot is not None:
+            if isinstance(boot.get("interval_s"), int) and boot["interval_s"] > 0:
+                settings["interval_s"] = boot["interval_s"]
+            if isinstance(boot.get("tz"), str):
+                settings["tz"] = boot["tz"]
+        window = PRIME_ENTRIES
+        while True:
+            builder = MeterDataBuilder(
+                gateway_id=self.gateway_id,
+                meter_refs=self.config.meter_refs,
+                **settings,
+            )
+            history = self.connector.history(batch.first, window) if batch.first else []
             builder.feed(json.loads(line) for line in history)
-        return builder
+            primed = set(builder.chains_started)
+            builder.forget_output()
+            builder.feed(entries)
+            whole = len(history) >= batch.first  # the history reaches seq 0
+            if whole or builder.chains_started <= primed or window >= PRIME_MAX_ENTRIES:
+                return builder
+            window *= 4
 
 
 class IesHttpsSession:

@@ -134,6 +134,8 @@ class Upstreams:
         else:
             pending = set(runs)
         done = all(c.caught_up() for c in self.connectors)
+        for connector in self.connectors:
+            connector.refresh_backlog()
         if self.connectors:
             log.log(
                 logging.INFO if done else logging.WARNING,

@@ -1,24 +1,57 @@
 """IES MeterData v0.6 profiles from evidence entries, with exact decimal numbers.
 
-The evidence log records, at every interval boundary, every register of every device,
-then a ``checkpoint`` event. From that the builder makes:
+The evidence log holds, at every interval boundary, every register of every polled
+device, and in between whatever devices push on their own (OCPP meter values, for
+instance). The builder places each reading on the site's **interval grid**: the
+boundaries are the multiples of ``interval_s`` counted from local midnight in ``tz``
+(both from the latest ``boot`` event; the defaults below until one is seen).
 
-- **INTERVAL** profiles, one per meter: for each cumulative energy register with an
-  IES block code (``1-0:1.8.0`` -> ``1.0.1.29.0.255`` "kWh imp block", 2.8.0, 9.8.0,
-  10.8.0, 5.8.0, 8.8.0), one row per interval with the block value (closing minus
-  opening), the opening and the closing register values, in ``USAGE`` mode. A row
-  needs both boundary readings good and exactly one interval apart (a gap, a read
-  error or a register that went backwards leaves the row out rather than guessing);
-  row ``id`` counts intervals from ``intervalPeriod.start``, so ids increase and a
-  missing interval is a missing id. Readings taken while the gateway's clock was not
-  synchronised are flagged ``SUSPECT`` (failCode ``TIME-UNSYNCED``), substitutes
-  ``ESTIMATED``.
-- **INSTANTANEOUS** profiles, one per meter and boundary, with the values that have
-  an IES instantaneous code (voltages, currents, power factors, frequency, active,
-  reactive and apparent power, cumulative import/export energy). Signed total active
-  power (``1-0:16.7.0``) is split into ``P_Import`` / ``P_Export``.
+**Boundary rule.** A reading taken at ``t`` is the *boundary reading* of boundary
+``B`` when ``B`` is the latest boundary at or before ``t``, ``t - B`` is less than
+``interval_s / BOUNDARY_TOLERANCE_DIVISOR`` (a fifth of the interval: 1 s at 5 s,
+3 min at 15 min) and it is the first usable reading of that source and quantity for
+``B``. Every other reading lies *between* boundaries. The rule is applied per source
+and per quantity, so a reading of one device never moves another's boundary. The
+time of a reading is the gateway's ``t``, except for a catch-up reading from a
+meter's own profile (state ``L``), whose value belongs to its device time ``dt``.
+Readings without a usable value (read errors, timeouts) are skipped.
+
+From that the builder makes:
+
+- **INTERVAL** profiles: for each cumulative energy register with an IES block code
+  (``1-0:1.8.0`` -> ``1.0.1.29.0.255`` "kWh imp block", 2.8.0, 9.8.0, 10.8.0, 5.8.0,
+  8.8.0), one row from each boundary reading to the next boundary reading of the same
+  register, with the block value (closing minus opening) and the opening and closing
+  register values, in ``USAGE`` mode. Rows chain: the opening of a row is the closing
+  of the row before, so the block values of a register add up to its rise. Row
+  ``id`` counts intervals from the profile's ``intervalPeriod.start``, the start of
+  its first row. Between-boundary readings never open or close a row.
+- **gaps**: when a boundary has no boundary reading (the meter did not answer, the
+  gateway was off, a charger sent nothing near it), the row runs from the last
+  boundary reading to the next one and says so: its own ``intervalPeriod`` gives the
+  true start and duration, and every block value of it is ``SUSPECT`` with failCode
+  ``VEE-MISSING-INTERVAL`` (the energy is exact; only its split over the intervals
+  is unknown). The ids it covers beyond its own are absent. No delta is dropped.
+- **register resets**: a register that went backwards (meter reset or replaced) ends
+  its chain. The row of that step is written alone in a profile of its own, with the
+  negative block value ``REJECTED`` (failCode ``REGISTER-DECREASED``), and a new chain
+  starts from the new value, so opening and closing values never decrease within a
+  profile.
+- Registers of one meter share a profile when their rows cover the same boundaries,
+  which is the normal case; a register whose rows differ (a gap in one register
+  only) gets its own profile and compact sequence.
+- Readings taken while the gateway's clock was not synchronised are flagged
+  ``SUSPECT`` (failCode ``TIME-UNSYNCED``), substitutes ``ESTIMATED``.
+- **INSTANTANEOUS** profiles, one per meter and snapshot, with the values that have an
+  IES instantaneous code (voltages, currents, power factors, frequency, active,
+  reactive and apparent power, cumulative import/export energy). The boundary
+  readings of a meter form the snapshot of that boundary, stamped with the boundary
+  time; readings between boundaries form snapshots stamped with the time of their
+  first reading (a snapshot takes a meter's readings within ``SNAPSHOT_S`` of it).
+  Signed total active power (``1-0:16.7.0``) is split into ``P_Import`` /
+  ``P_Export``. A snapshot is written once the log's time has passed it.
 - one **DESCRIPTOR** profile declaring the reading types used and, per meter, the
-  compact sequence of its interval rows.
+  compact sequences of its interval rows.
 
 Units are converted to those of IES (Wh -> kWh, W -> kW, var -> kvar, ...) by moving
 the decimal point: values stay exact decimals from the log to the JSON text, never
@@ -26,7 +59,10 @@ passing through a float (:func:`dumps`). Meter references come from the
 configuration (a ``did:`` value is a DID, anything else a serial number), else from
 the serial number a device reported, else ``<gateway>/<device>`` (scheme ``OTHER``).
 
-:func:`write_export` is the handler of ``ies-agent export PATH --format ies-meterdata``.
+The builder is incremental: the IES HTTPS upstream feeds it batch by batch and takes
+the rows and snapshots completed by each batch (:meth:`MeterDataBuilder.profiles`,
+:meth:`MeterDataBuilder.forget_output`). :func:`write_export` is the handler of
+``ies-agent export PATH --format ies-meterdata``.
 """
 
 from __future__ import annotations
@@ -170,35 +206,65 @@ UNITS: dict[str, tuple[str, int]] = {
 
 _OBIS = re.compile(r"1-[0-9]+:([0-9]+\.[0-9]+\.[0-9]+)(?:\*[0-9]+)?")
 
+BOUNDARY_TOLERANCE_DIVISOR = 5
+"""A boundary reading lies less than ``interval_s / 5`` after its boundary."""
+SNAPSHOT_MS = 1000
+"""Between boundaries, a meter's readings within this many ms of a snapshot's first
+reading join that snapshot."""
 
-@dataclass
-class _Value:
-    """One register value at one boundary, already in IES units."""
+MISSING_INTERVAL = "VEE-MISSING-INTERVAL"
+TIME_UNSYNCED = "TIME-UNSYNCED"
+REGISTER_DECREASED = "REGISTER-DECREASED"
+_STATUS_RANK = {"VALID": 0, "ESTIMATED": 1, "SUSPECT": 2, "REJECTED": 3}
 
+Key = tuple[str, str]
+"""A source and a register (OBIS C.D.E), e.g. ``("grid-meter", "1.8.0")``."""
+
+
+@dataclass(frozen=True)
+class _Boundary:
+    """A register's boundary reading: the boundary (UTC ms) and the value (IES unit)."""
+
+    t_ms: int
     value: Decimal
-    slot_ms: int
     status: str  # VALID, SUSPECT, ESTIMATED
 
 
-@dataclass
-class _Group:
-    """The readings of one boundary: ``src -> [(cde, unit, value, tq, st)]``."""
-
-    t_min: int | None = None
-    readings: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
-
-
-@dataclass
+@dataclass(frozen=True)
 class _Row:
-    slot_ms: int  # start of the interval
-    values: dict[str, tuple[Decimal, Decimal, Decimal, str]]  # cde -> v, open, close
+    """One block of a register, from one boundary reading to the next one."""
+
+    start_ms: int
+    end_ms: int
+    interval_s: int
+    opening: Decimal
+    closing: Decimal
+    status: str
+    fail_code: str | None
+
+    @property
+    def value(self) -> Decimal:
+        """The block value: closing minus opening."""
+        return self.closing - self.opening
+
+
+@dataclass
+class _Snapshot:
+    """Instantaneous values of one meter at one moment (``t_ms``, UTC ms)."""
+
+    t_ms: int
+    boundary: bool
+    until_ms: int
+    values: list[tuple[Code, Decimal, str]] = field(default_factory=list)
+    seen: set[str] = field(default_factory=set)
 
 
 class MeterDataBuilder:
     """Turns evidence entries, fed in ``seq`` order, into MeterData profiles.
 
     ``meter_refs`` maps device ids to meter references; ``interval_s`` and ``tz``
-    are taken from ``boot`` events when they come, these are defaults.
+    are taken from ``boot`` events when they come, these are defaults (or what the
+    caller knows from the last ``boot`` before the first entry it feeds).
     """
 
     def __init__(
@@ -214,31 +280,38 @@ class MeterDataBuilder:
         self.interval_s = interval_s
         self.tz = _zone(tz)
         self.serials: dict[str, str] = {}
-        self._group = _Group()
-        self._last: dict[tuple[str, str], _Value] = {}
-        self._rows: dict[str, dict[int, _Row]] = {}
-        self._instant: dict[str, dict[int, list[tuple[Code, Decimal, str]]]] = {}
+        self.chains_started: set[Key] = set()
+        """Registers whose first boundary reading seen here had no predecessor, so
+        the row that ends there (if any) needs entries older than those fed."""
+        self._claimed: dict[Key, int] = {}  # the last boundary given a reading
+        self._last: dict[Key, _Boundary] = {}
+        self._rows: dict[Key, list[_Row]] = {}
+        self._open: dict[str, _Snapshot] = {}
+        self._done: list[tuple[str, _Snapshot]] = []
 
     # --- input ------------------------------------------------------------------------
 
     def feed(self, entries: Iterable[Mapping[str, Any]]) -> None:
         """Take entries (parsed log lines) in ``seq`` order."""
         for entry in entries:
+            t_ms = _time_ms(entry.get("t"))
+            if t_ms is not None and self._open:
+                self._close_snapshots(before_ms=t_ms)
             kind = entry.get("type")
             if kind == "reading":
-                self._reading(entry)
+                self._reading(entry, t_ms)
                 continue
             ev = entry.get("ev")
             if ev == "boot":
-                self._close_group()
+                self._close_snapshots()
                 interval = entry.get("interval_s")
                 if isinstance(interval, int) and interval > 0:
                     self.interval_s = interval
                 tz = entry.get("tz")
                 if isinstance(tz, str):
                     self.tz = _zone(tz)
-            elif ev in ("checkpoint", "shutdown"):
-                self._close_group()
+            elif ev == "shutdown":
+                self._close_snapshots()
             elif ev == "source":
                 dev = entry.get("dev")
                 src = entry.get("src")
@@ -248,73 +321,119 @@ class MeterDataBuilder:
                         self.serials[src] = serial
 
     def forget_output(self) -> None:
-        """Drop the profiles made so far, keeping what the next rows need."""
+        """Drop the rows and snapshots made so far, keeping what later ones need."""
         self._rows.clear()
-        self._instant.clear()
+        self._done.clear()
 
-    def _reading(self, entry: Mapping[str, Any]) -> None:
-        src, obis, t = entry.get("src"), entry.get("obis"), entry.get("t")
+    def _reading(self, entry: Mapping[str, Any], t_ms: int | None) -> None:
+        src, obis = entry.get("src"), entry.get("obis")
         if not isinstance(src, str) or not isinstance(obis, str):
             return
         match = _OBIS.fullmatch(obis)
-        if match is None or not isinstance(t, str):
+        if match is None:
             return
-        group = self._group
-        t_ms = _parse_time(t)
-        group.t_min = t_ms if group.t_min is None else min(group.t_min, t_ms)
-        group.readings.setdefault(src, []).append(
-            {
-                "cde": match.group(1),
-                "unit": entry.get("unit", ""),
-                "val": entry.get("val"),
-                "st": entry.get("st"),
-                "tq": entry.get("tq"),
-            }
-        )
+        if entry.get("st") == "L":  # a catch-up value belongs to its device time
+            t_ms = _device_time_ms(entry.get("dt"), self.tz)
+        value = _ies_value(entry)
+        if t_ms is None or value is None:
+            return
+        number, status = value
+        cde = match.group(1)
 
-    def _close_group(self) -> None:
-        group, self._group = self._group, _Group()
-        if group.t_min is None:
-            return
-        slot = self._slot(group.t_min)
-        for src, readings in group.readings.items():
-            instant: list[tuple[Code, Decimal, str]] = []
-            for reading in readings:
-                value = _ies_value(reading)
-                if value is None:
-                    continue
-                number, status = value
-                cde = reading["cde"]
-                if cde in BLOCK_CODES:
-                    self._boundary(src, cde, _Value(number, slot, status))
-                if cde in INSTANT_CODES:
-                    instant.append((INSTANT_CODES[cde], number, status))
-                elif cde == SIGNED_ACTIVE_POWER:
-                    zero = Decimal(0)
-                    imp, exp = max(number, zero), max(-number, zero)
-                    instant.append((INSTANT_CODES["1.7.0"], imp + zero, status))
-                    instant.append((INSTANT_CODES["2.7.0"], exp + zero, status))
-            if instant:
-                self._instant.setdefault(src, {}).setdefault(slot, instant)
+        # Is it the first reading of this register for the boundary just before it?
+        key = (src, cde)
+        slot = self._slot(t_ms)
+        boundary: int | None = None
+        if t_ms - slot < self._tolerance_ms() and slot > self._claimed.get(key, -1):
+            boundary = self._claimed[key] = slot
+            if cde in BLOCK_CODES:
+                self._register(key, _Boundary(slot, number, status))
+        self._snapshot(src, cde, number, status, t_ms, boundary)
 
-    def _boundary(self, src: str, cde: str, now: _Value) -> None:
-        previous = self._last.get((src, cde))
-        self._last[(src, cde)] = now
-        if previous is None or now.slot_ms - previous.slot_ms != self.interval_s * 1000:
+    def _register(self, key: Key, now: _Boundary) -> None:
+        """Close the row ending at boundary reading ``now`` of register ``key``."""
+        previous = self._last.get(key)
+        self._last[key] = now
+        if previous is None:
+            self.chains_started.add(key)
             return
+        status = max(previous.status, now.status, key=_STATUS_RANK.__getitem__)
+        fail_code = TIME_UNSYNCED if status == "SUSPECT" else None
         if now.value < previous.value:
-            return  # register went backwards (meter reset or replaced): no block
-        status = "VALID"
-        for candidate in ("ESTIMATED", "SUSPECT"):
-            if candidate in (previous.status, now.status):
-                status = candidate
-        rows = self._rows.setdefault(src, {})
-        row = rows.setdefault(previous.slot_ms, _Row(previous.slot_ms, {}))
-        delta = now.value - previous.value
-        row.values[cde] = (delta, previous.value, now.value, status)
+            status, fail_code = "REJECTED", REGISTER_DECREASED
+        elif now.t_ms - previous.t_ms != self.interval_s * 1000:
+            status, fail_code = "SUSPECT", MISSING_INTERVAL
+        row = _Row(
+            previous.t_ms,
+            now.t_ms,
+            self.interval_s,
+            previous.value,
+            now.value,
+            status,
+            fail_code,
+        )
+        self._rows.setdefault(key, []).append(row)
+
+    def _snapshot(
+        self,
+        src: str,
+        cde: str,
+        number: Decimal,
+        status: str,
+        t_ms: int,
+        boundary: int | None,
+    ) -> None:
+        """Add an instantaneous value to the meter's open snapshot, or start one."""
+        if cde in INSTANT_CODES:
+            values = [(INSTANT_CODES[cde], number, status)]
+        elif cde == SIGNED_ACTIVE_POWER:
+            zero = Decimal(0)
+            imp, exp = max(number, zero), max(-number, zero)
+            values = [
+                (INSTANT_CODES["1.7.0"], imp + zero, status),
+                (INSTANT_CODES["2.7.0"], exp + zero, status),
+            ]
+        else:
+            return
+        snapshot = self._open.get(src)
+        if boundary is not None:
+            fits = (
+                snapshot is not None
+                and snapshot.boundary
+                and snapshot.t_ms == boundary
+                and cde not in snapshot.seen
+            )
+            start, until = boundary, boundary + self._tolerance_ms()
+        else:
+            fits = (
+                snapshot is not None
+                and not snapshot.boundary
+                and 0 <= t_ms - snapshot.t_ms < SNAPSHOT_MS
+                and cde not in snapshot.seen
+            )
+            start, until = t_ms, t_ms + SNAPSHOT_MS
+        if snapshot is None or not fits:
+            if snapshot is not None:
+                self._done.append((src, snapshot))
+            snapshot = _Snapshot(start, boundary is not None, until)
+            self._open[src] = snapshot
+        snapshot.seen.add(cde)
+        snapshot.values.extend(values)
+
+    def _close_snapshots(self, *, before_ms: int | None = None) -> None:
+        """Finish the snapshots the log's time passed (all, without ``before_ms``)."""
+        for src in [
+            s
+            for s, snapshot in self._open.items()
+            if before_ms is None or snapshot.until_ms < before_ms
+        ]:
+            self._done.append((src, self._open.pop(src)))
+
+    def _tolerance_ms(self) -> int:
+        return self.interval_s * 1000 // BOUNDARY_TOLERANCE_DIVISOR
 
     def _slot(self, t_ms: int) -> int:
-        """Return the start (UTC ms) of the site-time interval holding ``t_ms``."""
+        """Return the latest boundary of the site's grid at or before ``t_ms`` (ms)."""
         local = datetime.fromtimestamp(t_ms / 1000, UTC).astimezone(self.tz)
         midnight = local.replace(hour=0, minute=0, second=0, microsecond=0)
         seconds = int((local - midnight).total_seconds())
@@ -323,88 +442,60 @@ class MeterDataBuilder:
 
     # --- output -----------------------------------------------------------------------
 
-    def profiles(self) -> list[dict[str, Any]]:
+    def profiles(self, *, final: bool = False) -> list[dict[str, Any]]:
         """Return DESCRIPTOR + INTERVAL + INSTANTANEOUS profiles of what was fed.
 
-        Empty when nothing (no complete interval, no instantaneous value) was seen.
+        Rows are those completed so far; snapshots those the log's time has passed,
+        or, with ``final`` (the log ends here), all of them. Empty when there is
+        nothing to say.
         """
+        if final:
+            self._close_snapshots()
         interval_descriptors: dict[str, Code] = {}
         instant_descriptors: dict[str, Code] = {}
-        sequences: list[dict[str, Any]] = []
+        sequences: dict[str, list[dict[str, str]]] = {}
         profiles: list[dict[str, Any]] = []
 
-        # INTERVAL: one profile per meter; its sequence is every register it has.
-        for src in sorted(self._rows):
-            rows = [r for _, r in sorted(self._rows[src].items())]
-            registers = sorted(
-                {cde for row in rows for cde in row.values}, key=_register_order
-            )
-            rows = [r for r in rows if all(cde in r.values for cde in registers)]
-            if not rows:
-                continue
-            items = []
-            for cde in registers:
-                code = BLOCK_CODES[cde]
-                interval_descriptors[cde] = code
-                for attribute in ("value", "openingValue", "closingValue"):
-                    items.append({"readingType": code.label, "attribute": attribute})
-            sequence = f"IntervalSeq-{src}"
-            sequences.append({"name": sequence, "sequenceItems": items})
-            start = rows[0].slot_ms
-            intervals = []
-            for row in rows:
-                payloads: list[Any] = []
-                overrides = []
-                for index, cde in enumerate(registers):
-                    value, opening, closing, status = row.values[cde]
-                    payloads += [value, opening, closing]
-                    if status != "VALID":
-                        overrides.append(_override(index * 3, status))
-                interval: dict[str, Any] = {
-                    "id": (row.slot_ms - start) // (self.interval_s * 1000),
-                    "payloads": payloads,
-                }
-                if overrides:
-                    interval["overrides"] = overrides
-                intervals.append(interval)
+        # INTERVAL: per meter, one profile per set of registers with the same rows.
+        for src, groups in self._interval_groups():
+            every = {cde for _, runs in groups for cde in runs}
+            for _, runs in groups:
+                registers = sorted(runs, key=_register_order)
+                sequence = f"IntervalSeq-{src}"
+                if set(registers) != every:
+                    sequence += "-" + "+".join(registers)
+                items = []
+                for cde in registers:
+                    code = BLOCK_CODES[cde]
+                    interval_descriptors[cde] = code
+                    for attribute in ("value", "openingValue", "closingValue"):
+                        items.append(
+                            {"readingType": code.label, "attribute": attribute}
+                        )
+                sequences[sequence] = items
+                profiles.append(self._interval_profile(src, sequence, registers, runs))
+
+        # INSTANTANEOUS: one profile per meter and snapshot.
+        for src, snapshot in sorted(
+            self._done, key=lambda item: (item[0], item[1].t_ms)
+        ):
+            readings = []
+            for code, number, status in snapshot.values:
+                instant_descriptors[code.label] = code
+                reading: dict[str, Any] = {"readingType": code.label, "value": number}
+                if status != "VALID":
+                    reading["validationStatus"] = status
+                readings.append(reading)
             profiles.append(
                 {
-                    "@type": "IntervalProfile",
-                    "profileType": "INTERVAL",
+                    "@type": "InstantaneousProfile",
+                    "profileType": "INSTANTANEOUS",
                     "meterRefs": [self._meter_ref(src)],
-                    "payloadDescriptorSetRef": "IntervalSet",
-                    "compactSequenceRef": sequence,
-                    "intervalPeriod": {
-                        "start": self._iso(start),
-                        "duration": _duration(self.interval_s),
-                    },
-                    "intervals": intervals,
+                    "payloadDescriptorSetRef": "InstantaneousSet",
+                    "timestamp": self._iso(snapshot.t_ms, exact=not snapshot.boundary),
+                    "readings": readings,
                 }
             )
-
-        # INSTANTANEOUS: one profile per meter and boundary.
-        for src in sorted(self._instant):
-            for slot, values in sorted(self._instant[src].items()):
-                readings = []
-                for code, number, status in values:
-                    instant_descriptors[code.label] = code
-                    reading: dict[str, Any] = {
-                        "readingType": code.label,
-                        "value": number,
-                    }
-                    if status != "VALID":
-                        reading["validationStatus"] = status
-                    readings.append(reading)
-                profiles.append(
-                    {
-                        "@type": "InstantaneousProfile",
-                        "profileType": "INSTANTANEOUS",
-                        "meterRefs": [self._meter_ref(src)],
-                        "payloadDescriptorSetRef": "InstantaneousSet",
-                        "timestamp": self._iso(slot),
-                        "readings": readings,
-                    }
-                )
         if not profiles:
             return []
 
@@ -420,7 +511,10 @@ class MeterDataBuilder:
                             key=lambda kv: _register_order(kv[0]),
                         )
                     ],
-                    "compactSequences": sequences,
+                    "compactSequences": [
+                        {"name": name, "sequenceItems": items}
+                        for name, items in sequences.items()
+                    ],
                 }
             )
         if instant_descriptors:
@@ -441,6 +535,71 @@ class MeterDataBuilder:
         }
         return [descriptor, *profiles]
 
+    def _interval_groups(
+        self,
+    ) -> list[tuple[str, list[tuple[tuple[int, ...], dict[str, list[_Row]]]]]]:
+        """Group each meter's runs of rows by the boundaries they cover.
+
+        A run is a chain of rows of one register that may share a profile: a reset
+        row stands alone, and a change of interval starts a new run. Returns, per
+        source, ``(spans, {register: run})`` in time order, where ``spans`` is the
+        interval length followed by the start and end of every row.
+        """
+        by_source: dict[str, dict[tuple[int, ...], dict[str, list[_Row]]]] = {}
+        for (src, cde), rows in self._rows.items():
+            for run in _runs(rows):
+                ends = [t for row in run for t in (row.start_ms, row.end_ms)]
+                spans = (run[0].interval_s, *ends)
+                by_source.setdefault(src, {}).setdefault(spans, {})[cde] = run
+        return [
+            (src, sorted(by_source[src].items(), key=lambda item: item[0][1:]))
+            for src in sorted(by_source)
+        ]
+
+    def _interval_profile(
+        self,
+        src: str,
+        sequence: str,
+        registers: Sequence[str],
+        runs: Mapping[str, list[_Row]],
+    ) -> dict[str, Any]:
+        first = runs[registers[0]]
+        interval_ms = first[0].interval_s * 1000
+        start = first[0].start_ms
+        intervals = []
+        for index, row in enumerate(first):
+            payloads: list[Any] = []
+            overrides = []
+            for column, cde in enumerate(registers):
+                cell = runs[cde][index]
+                payloads += [cell.value, cell.opening, cell.closing]
+                if cell.status != "VALID":
+                    overrides.append(_override(column * 3, cell.status, cell.fail_code))
+            interval: dict[str, Any] = {
+                "id": (row.start_ms - start) // interval_ms,
+                "payloads": payloads,
+            }
+            if row.end_ms - row.start_ms != interval_ms:
+                interval["intervalPeriod"] = {
+                    "start": self._iso(row.start_ms),
+                    "duration": _duration((row.end_ms - row.start_ms) // 1000),
+                }
+            if overrides:
+                interval["overrides"] = overrides
+            intervals.append(interval)
+        return {
+            "@type": "IntervalProfile",
+            "profileType": "INTERVAL",
+            "meterRefs": [self._meter_ref(src)],
+            "payloadDescriptorSetRef": "IntervalSet",
+            "compactSequenceRef": sequence,
+            "intervalPeriod": {
+                "start": self._iso(start),
+                "duration": _duration(first[0].interval_s),
+            },
+            "intervals": intervals,
+        }
+
     def _meter_ref(self, src: str) -> dict[str, str]:
         ref = self.meter_refs.get(src)
         if ref:
@@ -451,9 +610,28 @@ class MeterDataBuilder:
             return {"scheme": "METER_SERIAL", "value": serial}
         return {"scheme": "OTHER", "value": f"{self.gateway_id}/{src}"}
 
-    def _iso(self, t_ms: int) -> str:
+    def _iso(self, t_ms: int, *, exact: bool = False) -> str:
+        """Site-time RFC 3339 text of ``t_ms``: whole seconds, or ms when ``exact``."""
         moment = datetime.fromtimestamp(t_ms / 1000, UTC).astimezone(self.tz)
-        return moment.isoformat(timespec="seconds")
+        return moment.isoformat(timespec="milliseconds" if exact else "seconds")
+
+
+def _runs(rows: Sequence[_Row]) -> Iterable[list[_Row]]:
+    """Split a register's rows where they may not share a profile (see above)."""
+    run: list[_Row] = []
+    for row in rows:
+        alone = row.status == "REJECTED"
+        if run and (
+            alone
+            or run[-1].status == "REJECTED"
+            or row.interval_s != run[-1].interval_s
+            or row.start_ms != run[-1].end_ms
+        ):
+            yield run
+            run = []
+        run.append(row)
+    if run:
+        yield run
 
 
 def profiles_from_lines(
@@ -465,7 +643,7 @@ def profiles_from_lines(
     """Return the MeterData profiles of whole log lines (a convenience for exports)."""
     builder = MeterDataBuilder(gateway_id=gateway_id, meter_refs=meter_refs)
     builder.feed(json.loads(line) for line in lines)
-    return builder.profiles()
+    return builder.profiles(final=True)
 
 
 # --- exact JSON ----------------------------------------------------------------------
@@ -586,11 +764,11 @@ def _ies_value(reading: Mapping[str, Any]) -> tuple[Decimal, str] | None:
     return number, "VALID" if reading.get("tq") == "S" else "SUSPECT"
 
 
-def _override(index: int, status: str) -> dict[str, Any]:
+def _override(index: int, status: str, fail_code: str | None) -> dict[str, Any]:
     override: dict[str, Any] = {"descriptorIndex": index, "validationStatus": status}
-    if status == "SUSPECT":
-        override["failCode"] = "TIME-UNSYNCED"
-    elif status == "ESTIMATED":
+    if fail_code:
+        override["failCode"] = fail_code
+    if status == "ESTIMATED":
         override["source"] = "ESTIMATED"
     return override
 
@@ -621,10 +799,29 @@ def _duration(seconds: int) -> str:
     return f"PT{seconds}S"
 
 
-def _parse_time(text: str) -> int:
-    moment = datetime.strptime(text, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC)
+def _time_ms(text: object) -> int | None:
+    """UTC ms of an entry's gateway time (``2026-05-04T03:30:00.020Z``), or None."""
+    if not isinstance(text, str):
+        return None
+    try:
+        moment = datetime.strptime(text, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC)
+    except ValueError:
+        return None
     whole = moment.replace(microsecond=0)
     return int(whole.timestamp()) * 1000 + moment.microsecond // 1000
+
+
+def _device_time_ms(text: object, tz: ZoneInfo) -> int | None:
+    """UTC ms of a device time (ISO 8601; site time when it has no offset), or None."""
+    if not isinstance(text, str):
+        return None
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        return None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=tz)
+    return int(moment.timestamp() * 1000)
 
 
 def _zone(name: str) -> ZoneInfo:

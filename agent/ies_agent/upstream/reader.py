@@ -19,6 +19,7 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from ies_agent.upstream.errors import UpstreamError
 
@@ -201,6 +202,37 @@ class LogReader:
             first, offset, upto=seq - 1, max_entries=count, max_bytes=64 << 20
         )
         return chunk.lines
+
+    def last_event(self, seq: int, ev: str) -> dict[str, Any] | None:
+        """Return the last ``ev`` event entry before entry ``seq``, or None.
+
+        Scans the log backwards from ``seq`` in 1 MiB steps (stateful encoders use
+        it to learn the ``boot`` settings that apply to an entry). Raises
+        :class:`LogReadError` when the log holds fewer than ``seq`` entries.
+        """
+        needle = b'"ev":' + json.dumps(ev).encode()
+        high = self.locate(seq)
+        while high > 0:
+            low = max(0, high - _SCAN_CHUNK)
+            data = self._pread(low, high - low)
+            pos = data.rfind(needle)
+            while pos >= 0:
+                start = data.rfind(b"\n", 0, pos) + 1
+                if start == 0 and low > 0:
+                    break  # the line begins before this window: seen in the next
+                end = data.find(b"\n", pos)
+                try:
+                    entry = json.loads(data[start:end])
+                except ValueError:
+                    entry = None
+                if isinstance(entry, dict) and entry.get("ev") == ev:
+                    return entry
+                pos = data.rfind(needle, 0, start)
+            first_newline = data.find(b"\n")
+            if low == 0 or first_newline < 0:
+                return None
+            high = low + first_newline + 1
+        return None
 
     # --- checkpoints ------------------------------------------------------------------
 

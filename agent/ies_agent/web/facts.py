@@ -157,14 +157,14 @@ class SiteFacts:
         return [c.as_dict() for c in self.state.chargers.values()]
 
     def dispatch_facts(self) -> dict[str, Any]:
-        """Current and recent dispatch events (none until dispatch is built)."""
-        events = getattr(self.state, "dispatch_events", None)
+        """Current and recent dispatch events (none when dispatch is not set up)."""
+        events = self.state.dispatch_events
         if events is None:
             return {
                 "available": False,
                 "events": [],
-                "note": "dispatch is not part of this agent yet; events will be "
-                "listed here once it is",
+                "note": "dispatch is not configured on this site ([dispatch] in the "
+                "site file)",
             }
         return {"available": True, "events": list(events)}
 

@@ -12,6 +12,7 @@ Routes::
     POST /api/logout
     POST /api/verify     verify the evidence log now (in a worker thread)
     POST /api/scan       {"bus": id} or {"tcp": "host:port"}, "units": "1-10"
+    POST /api/dispatch/optout  {"event": id, "reason": "…"}: the consumer opts out
 
 Access: every POST needs a session (cookie plus the session's ``X-CSRF-Token``
 header) or ``Authorization: Bearer <token>``; without one the answer is 401, with a
@@ -143,6 +144,7 @@ class WebServer:
         app.router.add_post("/api/logout", self.logout)
         app.router.add_post("/api/verify", self.verify)
         app.router.add_post("/api/scan", self.scan)
+        app.router.add_post("/api/dispatch/optout", self.opt_out)
         return app
 
     def _view(self, build: Callable[[], Any]) -> Handler:
@@ -315,6 +317,27 @@ class WebServer:
             {"ok": report.ok, "summary": report.summary(), "report": report.to_json()},
             dumps=_dumps,
         )
+
+    async def opt_out(self, request: web.Request) -> web.StreamResponse:
+        """The consumer opts out of a dispatch event; the engine records and reports
+        it upstream within a second."""
+        from ies_agent.dispatch.engine import request_opt_out
+
+        try:
+            body = await request.json()
+        except ValueError:
+            return _error(400, 'expected a JSON body like {"event": "<event id>"}')
+        event = body.get("event") if isinstance(body, dict) else None
+        reason = body.get("reason", "consumer") if isinstance(body, dict) else None
+        if not isinstance(event, str) or not event or not isinstance(reason, str):
+            return _error(400, 'expected {"event": "<event id>", "reason": "…"}')
+        try:
+            await asyncio.to_thread(
+                request_opt_out, self.facts.data_dir, event, reason[:200]
+            )
+        except OSError as exc:
+            return _error(500, f"cannot record the opt-out: {exc.strerror}")
+        return web.json_response({"ok": True, "event": event, "reason": reason[:200]})
 
     async def scan(self, request: web.Request) -> web.StreamResponse:
         """Scan a bus of the site (or a TCP address) for unit ids and SunSpec models."""
