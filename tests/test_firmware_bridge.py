@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import os
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -313,3 +314,37 @@ async def test_download_interrupted_half_way_resumes_after_a_bridge_restart(
         bridge.kill()
         bridge.remove_socket_dir()
         evidence.close()
+
+
+def test_only_the_agent_may_talk_to_the_control_socket(
+    tmp_path: Path, host: FileHost
+) -> None:
+    # The socket file is open to every local user (the agent runs as another user
+    # than the bridge); the bridge checks who is calling. Here: nobody (65534).
+    import subprocess
+
+    if os.getuid() != 0:
+        pytest.skip("needs root to connect as another user")
+    publisher = Publisher(tmp_path / "trust")
+    bridge = BridgeProcess(tmp_path / "bridge", publisher.trust_dir)
+    bridge.start()
+    try:
+        # Let the other user reach the socket file, as on a gateway (/run/...).
+        for folder in (bridge.socket.parent, *bridge.socket.parent.parents):
+            if folder == Path("/tmp") or folder == Path("/"):
+                break
+            os.chmod(folder, 0o755)
+        # socat as the client: a system binary the unprivileged user can run.
+        result = subprocess.run(
+            ["socat", "-t", "5", "-", f"UNIX-CONNECT:{bridge.socket}"],
+            input='{"op": "list"}\n',
+            capture_output=True,
+            text=True,
+            timeout=20,
+            user=65534,
+            check=False,
+        )
+    finally:
+        bridge.kill()
+    assert result.returncode == 0, result.stderr
+    assert '"not allowed"' in result.stdout

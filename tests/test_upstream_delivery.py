@@ -11,11 +11,15 @@ import asyncio
 import json
 import logging
 import shutil
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
+from conftest import free_port
 from ies_agent.cli import main as cli
+from ies_agent.config import ConfigError, load_site
 from ies_agent.evidence.log import EvidenceLog
 from ies_agent.state import AgentState
 from ies_agent.upstream.cursor import Cursor, CursorStore
@@ -134,6 +138,149 @@ def test_batch_message_carries_lines_byte_for_byte(tmp_path: Path) -> None:
     for item in (b"[]", b'{"upto": "41"}', b'{"upto": true}', b"{"):
         with pytest.raises(PayloadError):
             decode_confirmation(item)
+
+
+def test_batch_entries_are_the_lines_and_re_encode_to_their_bytes(
+    tmp_path: Path,
+) -> None:
+    """What the README promises a collector: each entry is the log line spliced into
+    the message, and re-encoding the parsed object (sorted keys, no spaces, UTF-8 as
+    is) gives back the exact line bytes, also for text that JSON escapes."""
+    clock = StepClock()
+    log = EvidenceLog.open(tmp_path, gateway_id=GATEWAY, clock=clock)
+    awkward = 'tab\there "quoted" back\\slash\nnewline \x01 é € \u2028 😀'
+    log.append_event("config_change", {"note": awkward, "n": 2**53 - 1})
+    log.append_reading(reading(clock, "m\u00e9", "1-0:1.8.0*255", "-0.0010", "kWh"))
+    log.close()
+    lines = log_lines(tmp_path)
+    payload = encode_batch(gw="g", origin="o", first=0, lines=lines, checkpoints=[])
+    entries = json.loads(payload)["entries"]
+    for line, entry in zip(lines, entries, strict=True):
+        assert line in payload  # spliced in verbatim
+        again = json.dumps(
+            entry, sort_keys=True, separators=(",", ":"), ensure_ascii=False
+        ).encode("utf-8")
+        assert again == line
+    assert b"\\u2028" not in lines[1] and "\u2028".encode() in lines[1]
+
+
+async def test_backlog_counts_every_durable_entry_while_the_upstream_is_down(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An MQTT upstream to a port where nothing listens: the backlog follows the
+    durable log as it grows (not the count of the first failure), in entries and
+    bytes, and the shutdown line says how much was left."""
+    data = tmp_path / "data"
+    clock = StepClock()
+    log = EvidenceLog.open(data, gateway_id=GATEWAY, clock=clock, fsync_interval_s=3600)
+    state = AgentState(GATEWAY)
+    config = UpstreamConfig(
+        name="broker",
+        kind="mqtt",
+        url=f"mqtt://127.0.0.1:{free_port()}",
+        backoff_max_s=5.0,
+        timeout_s=1.0,
+        telemetry_s=0.0,
+    )
+    upstreams = Upstreams(
+        [config],
+        data_dir=data,
+        gateway_id=GATEWAY,
+        origin=log.origin,
+        state=state,
+        evidence=log,
+    )
+    caplog.set_level(logging.INFO, logger="ies_agent.upstream")
+    upstreams.start()
+    broker = state.upstreams["broker"]
+    await until(lambda: broker.last_error is not None, 5.0, "the first failure")
+
+    path = data / "evidence.jsonl"
+    for _ in range(3):
+        for k in range(40):
+            log.append_reading(reading(clock, "m", "1-0:1.8.0*255", str(k), "kWh"))
+        log.checkpoint()  # makes everything so far durable
+        durable = log.durable_seq + 1
+        await until(
+            lambda d=durable: broker.backlog_entries == d,  # type: ignore[misc]
+            3.0,
+            f"a backlog of {durable}",
+        )
+        assert broker.backlog_bytes == path.stat().st_size
+        assert not broker.connected and broker.acked == -1
+    # Entries not yet fsynced are not counted as backlog.
+    for k in range(5):
+        log.append_reading(reading(clock, "m", "1-0:1.8.0*255", str(k), "kWh"))
+    await asyncio.sleep(1.2)
+    assert broker.backlog_entries == log.durable_seq + 1 < log.size
+
+    log.close()
+    assert not await upstreams.finish(0.5)
+    assert broker.backlog_entries == log.size == len(log_lines(data))
+    assert broker.backlog_bytes == path.stat().st_size
+    shutdown = [r for r in caplog.records if "at shutdown" in r.getMessage()]
+    assert f"backlog={log.size}" in shutdown[0].kv["broker"]  # type: ignore[attr-defined]
+    assert len([r for r in caplog.records if "unreachable" in r.getMessage()]) == 1
+
+
+async def until(check: Callable[[], bool], timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.05)
+
+
+# --- upstream urls --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("kind", "url", "message"),
+    [
+        ("mqtt", "mqtt://gwuser:s3cret@broker.example/path?x=1", "password_file"),
+        ("mqtt", "mqtts://gwuser@broker.example:8883", "user name or password"),
+        ("mqtt", "mqtt://broker.example:1883/ies", "a path ('/ies')"),
+        ("mqtt", "mqtt://broker.example?x=1", "a query ('?x=1')"),
+        ("mqtt", "mqtt://broker.example:1883/#frag", "a fragment ('#frag')"),
+        ("ies-https", "https://gwuser:s3cret@ies.example/beckn", "tls_cert_file"),
+        ("ies-https", "https://ies.example/beckn?token=1", "a query"),
+        ("ies-https", "http://gwuser:s3cret@ies.example", "user name or password"),
+    ],
+)
+def test_upstream_urls_with_extra_parts_or_secrets_are_refused(
+    tmp_path: Path, kind: str, url: str, message: str
+) -> None:
+    """A url part the agent would ignore is a config error, not a silent no-op, and
+    credentials in a url are refused without being repeated in the message."""
+    site = tmp_path / "site.toml"
+    site.write_text(
+        f'[gateway]\nid = "gw-1"\n\n[[upstreams]]\nname = "u"\nkind = "{kind}"\n'
+        f'url = "{url}"\n'
+    )
+    with pytest.raises(ConfigError) as caught:
+        load_site(site)
+    problems = [p for p in caught.value.problems if p.key.endswith("url")]
+    assert len(problems) == 1 and message in problems[0].message, problems
+    assert "s3cret" not in problems[0].message and "gwuser" not in problems[0].message
+    assert problems[0].line == 7
+
+
+@pytest.mark.parametrize(
+    ("kind", "url"),
+    [
+        ("mqtt", "mqtts://broker.example:8883"),
+        ("mqtt", "mqtt://127.0.0.1/"),
+        ("ies-https", "https://ies.example/beckn/v2"),
+        ("ies-https", "http://127.0.0.1:8080"),
+    ],
+)
+def test_plain_upstream_urls_load(tmp_path: Path, kind: str, url: str) -> None:
+    site = tmp_path / "site.toml"
+    site.write_text(
+        f'[gateway]\nid = "gw-1"\n\n[[upstreams]]\nname = "u"\nkind = "{kind}"\n'
+        f'url = "{url}"\n'
+    )
+    assert load_site(site).upstreams[0].url == url
 
 
 def test_backoff_doubles_to_its_cap_with_jitter_and_resets() -> None:

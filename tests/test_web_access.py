@@ -284,3 +284,17 @@ async def test_consumer_opt_out_through_the_local_api(
         "event": "evt-42",
         "reason": "guests at home",
     }
+
+
+async def test_loopback_page_refuses_foreign_host_names(
+    served: tuple[WebServer, str],
+) -> None:
+    # DNS rebinding: evil.example resolved to 127.0.0.1 must not read the site file.
+    _, url = served
+    async with client() as http:
+        foreign = {"Host": "attacker.example:18780"}
+        async with http.get(url + "/api/config", headers=foreign) as response:
+            assert response.status == 421
+        for name in ("localhost:8780", "127.0.0.1", "[::1]:8780"):
+            async with http.get(url + "/api/state", headers={"Host": name}) as r:
+                assert r.status == 200, name

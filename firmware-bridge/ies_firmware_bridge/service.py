@@ -237,6 +237,18 @@ class Bridge:
         task = asyncio.current_task()
         if task is not None:
             self._connections.add(task)
+        peer = _peer_uid(writer)
+        if peer not in _allowed_uids():
+            # The socket is open to every local user (the agent runs as another
+            # user than this DynamicUser service); only the agent may talk to it.
+            log.warning("refused a control connection from uid %s", peer)
+            writer.write(_line({"ok": False, "error": "not allowed"}))
+            with contextlib.suppress(Exception):
+                await writer.drain()
+            writer.close()
+            if task is not None:
+                self._connections.discard(task)
+            return
         try:
             while True:
                 try:
@@ -815,3 +827,35 @@ def _version() -> str:
 
 def _now_ms() -> int:
     return int(time.time() * 1000)
+
+
+AGENT_USER = "ies-agent"
+"""The system user the agent runs as (packaging/debian/postinst creates it)."""
+
+
+def _peer_uid(writer: asyncio.StreamWriter) -> int | None:
+    """Return the user id of the process at the other end of a unix socket."""
+    import socket
+    import struct
+
+    sock = writer.get_extra_info("socket")
+    if sock is None:
+        return None
+    try:
+        creds = sock.getsockopt(
+            socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")
+        )
+    except OSError:
+        return None
+    _pid, uid, _gid = struct.unpack("3i", creds)
+    return int(uid)
+
+
+def _allowed_uids() -> set[int]:
+    """Root, this service's own user, and the agent's user when it exists."""
+    import pwd
+
+    allowed = {0, os.getuid()}
+    with contextlib.suppress(KeyError):
+        allowed.add(pwd.getpwnam(AGENT_USER).pw_uid)
+    return allowed

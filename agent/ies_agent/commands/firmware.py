@@ -21,10 +21,19 @@ def configure(parser: argparse.ArgumentParser) -> None:
     """Add the ``firmware`` arguments."""
     sub = parser.add_subparsers(dest="firmware_command", metavar="ACTION")
     listing = sub.add_parser("list", help="show the cache and recent transfers")
-    for target in (parser, listing):
-        target.add_argument("--socket", type=Path, default=None, help="bridge socket")
-        target.add_argument("--config", type=Path, default=None, help="site file")
-        target.add_argument("--json", action="store_true", help="print JSON")
+    # The same options before or after ACTION; the subparser's defaults must not
+    # overwrite what was given before it, hence SUPPRESS there.
+    for target, default in ((parser, None), (listing, argparse.SUPPRESS)):
+        target.add_argument(
+            "--socket", type=Path, default=default, help="bridge socket"
+        )
+        target.add_argument("--config", type=Path, default=default, help="site file")
+        target.add_argument(
+            "--json",
+            action="store_true",
+            default=False if default is None else default,
+            help="print JSON",
+        )
 
 
 def main(args: argparse.Namespace) -> int:

@@ -42,6 +42,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
 
 from ies_agent.upstream.beckn import BecknSigner, load_signing_key
 from ies_agent.upstream.delivery import Batch, Connector
@@ -54,7 +55,11 @@ from ies_agent.upstream.errors import (
 from ies_agent.upstream.meterdata import MeterDataBuilder, dumps
 from ies_agent.upstream.payload import encode_batch
 from ies_agent.upstream.settings import UpstreamConfig
-from ies_agent.upstream.tlsconfig import client_context
+from ies_agent.upstream.tlsconfig import (
+    client_context,
+    explain_tls_failure,
+    plain_server_hint,
+)
 
 if TYPE_CHECKING:
     import aiohttp
@@ -83,7 +88,9 @@ class IesHttpsTransport:
         self.config = config
         self.gateway_id = gateway_id
         self.endpoint = config.url.rstrip("/")
-        self.target = self.endpoint
+        self.tls = self.endpoint.startswith("https://")
+        parts = urlsplit(self.endpoint)
+        self.target = parts._replace(netloc=parts.netloc.rpartition("@")[2]).geturl()
         self.connector: Connector | None = None
         self.transaction_id = str(uuid.uuid4())
         self._signer: BecknSigner | None = None
@@ -104,7 +111,7 @@ class IesHttpsTransport:
 
         config = self.config
         ssl_context: Any = None
-        if self.endpoint.startswith("https://"):
+        if self.tls:
             ssl_context = client_context(
                 ca_file=config.tls_ca_file,
                 cert_file=config.tls_cert_file,
@@ -264,7 +271,8 @@ class IesHttpsSession:
         transport = self.transport
         body = transport.body(batch)
         url = f"{transport.endpoint}/{transport.config.action}"
-        what = f"entries {batch.first}..{batch.last} to {url}"
+        shown = f"{transport.target}/{transport.config.action}"
+        what = f"entries {batch.first}..{batch.last} to {shown}"
         try:
             async with self.http.post(
                 url, data=body, headers=transport.headers(body)
@@ -273,16 +281,29 @@ class IesHttpsSession:
                 text = await response.text()
         except aiohttp.ClientConnectorCertificateError as exc:
             raise TlsError(
-                f"TLS to {transport.endpoint} failed: the server's certificate is "
+                f"TLS to {transport.target} failed: the server's certificate is "
                 f"not trusted ({exc.certificate_error}); the agent never sends "
                 "without TLS"
             ) from None
         except aiohttp.ClientSSLError as exc:
-            raise TlsError(f"TLS to {transport.endpoint} failed: {exc}") from None
+            hint = plain_server_hint(str(exc), "HTTP") or explain_tls_failure(str(exc))
+            raise TlsError(
+                f"TLS to {transport.target} failed: {hint} ({exc}); the agent "
+                "never sends without TLS"
+            ) from None
         except TimeoutError:
             raise LinkError(
                 f"no answer within {transport.config.timeout_s:g} s for {what}"
             ) from None
+        except aiohttp.ClientConnectorError as exc:
+            # A reset during the TLS handshake: most likely a plain HTTP port.
+            hint = plain_server_hint(str(exc), "HTTP") if transport.tls else None
+            if hint is not None:
+                raise TlsError(
+                    f"TLS to {transport.target} failed: {hint} ({exc}); the agent "
+                    "never sends without TLS"
+                ) from None
+            raise LinkError(f"cannot post {what}: {exc}") from None
         except aiohttp.ClientError as exc:
             raise LinkError(f"cannot post {what}: {exc}") from None
         verdict, reason = _ack_status(text)

@@ -45,6 +45,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from ies_agent import __version__
+from ies_agent.evidence.log import format_time
 from ies_agent.state import AgentState
 from ies_agent.upstream.commands import CommandRegistry
 from ies_agent.upstream.delivery import Batch, Connector
@@ -61,6 +62,7 @@ from ies_agent.upstream.tlsconfig import (
     client_context,
     explain_tls_failure,
     looks_like_tls_failure,
+    plain_server_hint,
 )
 
 if TYPE_CHECKING:
@@ -241,28 +243,41 @@ class MqttTransport:
         return LinkError(text)
 
     def _connect_failed(self, text: str) -> UpstreamError:
-        if self.tls and looks_like_tls_failure(text):
-            return TlsError(
-                f"TLS to {self.target} failed: {explain_tls_failure(text)} ({text}); "
-                "the agent will not connect without TLS"
+        """Map a failed connect (aiomqtt's message) to our error, with a hint."""
+        if self.tls:
+            hint = plain_server_hint(text, "MQTT")
+            if hint is None and looks_like_tls_failure(text):
+                hint = explain_tls_failure(text)
+            if hint is not None:
+                return TlsError(
+                    f"TLS to {self.target} failed: {hint} ({text}); the agent will "
+                    "not connect without TLS"
+                )
+        if "timed out" in text.lower():
+            return LinkError(
+                f"no answer from broker {self.target} within "
+                f"{self.config.timeout_s:g} s while connecting ({text}): is the host "
+                "reachable from here and the port open?"
             )
         return LinkError(f"cannot reach broker {self.target}: {text}")
 
     # --- payloads ---------------------------------------------------------------------
 
     def _status(self, state: str, reason: str = "") -> bytes:
+        """The retained status message: ``t`` in UTC ISO 8601 text as in evidence,
+        ``acked`` the cursor when it is made (for the last will: at connect)."""
         body: dict[str, Any] = {
             "gw": self.gateway_id,
             "state": state,
             "sw": __version__,
-            "t": int(time.time() * 1000),
+            "t": format_time(int(time.time() * 1000)),
         }
         if reason:
             body["reason"] = reason
         if state == "online":
             body["alarms"] = self.alarms()
-            if self.connector is not None:
-                body["acked"] = self.connector.cursor.acked
+        if self.connector is not None:
+            body["acked"] = self.connector.cursor.acked
         return json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
 
     def telemetry(self) -> bytes:
@@ -274,7 +289,11 @@ class MqttTransport:
                 for name, r in device.values.items()
             }
             devices[device_id] = {"online": device.online, "values": values}
-        body = {"gw": self.gateway_id, "t": int(time.time() * 1000), "devices": devices}
+        body = {
+            "gw": self.gateway_id,
+            "t": format_time(int(time.time() * 1000)),
+            "devices": devices,
+        }
         return json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
 
 

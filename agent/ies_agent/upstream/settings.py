@@ -323,20 +323,61 @@ def _read_upstream(
 
 
 def _url_ok(check: ProblemCollector, at: KeyPath, url: str, kind: str) -> bool:
+    """Record what is wrong with an upstream url; return whether it is usable.
+
+    MQTT urls are ``mqtt[s]://host[:port]`` and nothing else: topics come from
+    ``prefix``, so a path, query or fragment would be silently meaningless. IES urls
+    may have a path (the endpoint; requests go to ``{url}/{action}``) but no query
+    or fragment, which that would break. Credentials in a url are refused for both
+    (they would end up in logs and status); messages never repeat them.
+    """
     parts = urlsplit(url)
+    shown = _without_credentials(url)
     schemes = ("mqtt", "mqtts") if kind == "mqtt" else ("https", "http")
+    example = (
+        "mqtts://broker.example:8883" if kind == "mqtt" else "https://ies.example/beckn"
+    )
     if parts.scheme not in schemes or not parts.hostname:
-        example = (
-            "mqtts://broker.example:8883"
+        check.add(at, f"{shown!r} is not a {kind} url; expected e.g. {example!r}")
+        return False
+    if parts.username is not None or parts.password is not None:
+        where = (
+            'username = "..." and password_file = "..." (the password in a file '
+            "readable by the agent only)"
             if kind == "mqtt"
-            else "https://ies.example/beckn"
+            else "a client certificate (tls_cert_file, tls_key_file) or "
+            'mode = "direct" signing'
         )
-        check.add(at, f"{url!r} is not a {kind} url; expected e.g. {example!r}")
+        check.add(
+            at,
+            f"{shown!r}: a user name or password in the url is refused (it would "
+            f"show in logs and status); use {where}",
+        )
         return False
     try:
         _ = parts.port
     except ValueError:
-        check.add(at, f"{url!r} has a bad port number")
+        check.add(at, f"{shown!r} has a bad port number")
+        return False
+    extras = []
+    if kind == "mqtt" and parts.path not in ("", "/"):
+        extras.append(f"a path ({parts.path!r})")
+    if "?" in url:
+        extras.append(f"a query ('?{parts.query}')")
+    if "#" in url:
+        extras.append(f"a fragment ('#{parts.fragment}')")
+    if extras:
+        meaning = (
+            "an MQTT url names only the broker, mqtt[s]://host[:port]; topics come "
+            "from prefix"
+            if kind == "mqtt"
+            else "requests go to {url}/{action}"
+        )
+        check.add(
+            at,
+            f"{shown!r} has {' and '.join(extras)}, which the agent would not use: "
+            f"{meaning}; expected e.g. {example!r}",
+        )
         return False
     if parts.scheme == "http" and parts.hostname not in _LOOPBACK:
         check.add(
@@ -346,6 +387,15 @@ def _url_ok(check: ProblemCollector, at: KeyPath, url: str, kind: str) -> bool:
         )
         return False
     return True
+
+
+def _without_credentials(url: str) -> str:
+    """Return ``url`` with any ``user:password@`` part replaced by ``***@``."""
+    parts = urlsplit(url)
+    if "@" not in parts.netloc:
+        return url
+    host = parts.netloc.rpartition("@")[2]
+    return parts._replace(netloc=f"***@{host}").geturl()
 
 
 def _read_mqtt(

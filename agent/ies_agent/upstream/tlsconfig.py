@@ -61,6 +61,30 @@ def looks_like_tls_failure(text: str) -> bool:
     return any(marker in lowered for marker in _TLS_MARKERS)
 
 
+_PLAIN_SERVER_MARKERS = (
+    "wrong version number",
+    "connection reset",
+    "eof occurred in violation",
+    "unexpected eof",
+    "packet length too long",
+)
+
+
+def plain_server_hint(text: str, protocol: str) -> str | None:
+    """Return a hint when a TLS connect failed as if the server spoke no TLS.
+
+    A plain server answers a TLS ClientHello with its own protocol (a TLS library
+    reads that as a "wrong version number") or by closing the connection (a reset
+    or an EOF during the handshake). ``text`` is the connect error, ``protocol``
+    the plain protocol expected on such a port ("MQTT", "HTTP"). Only meaningful
+    for errors while connecting.
+    """
+    lowered = text.lower()
+    if any(marker in lowered for marker in _PLAIN_SERVER_MARKERS):
+        return f"the server did not speak TLS: is this a plain {protocol} port?"
+    return None
+
+
 def explain_tls_failure(text: str) -> str:
     """Return an operator's reading of a TLS failure message."""
     lowered = text.lower()

@@ -172,6 +172,10 @@ class WebServer:
     ) -> web.StreamResponse:
         """Let a request through only if the access rules allow it."""
         path = request.path
+        if self.config.loopback and not _loopback_host(request.host):
+            # DNS rebinding: a web page may point its own name at 127.0.0.1; the
+            # open loopback page answers only to loopback names.
+            return _error(421, "this page answers to localhost / 127.0.0.1 only")
         if request.method == "POST":
             if not self._same_origin(request):
                 return _error(403, "cross-site request refused")
@@ -423,6 +427,23 @@ def _dumps(value: Any) -> str:
     import json
 
     return json.dumps(value, default=str)
+
+
+def _loopback_host(host: str) -> bool:
+    """Tell whether a ``Host`` header names this machine's loopback interface."""
+    import ipaddress
+
+    name = host.strip().lower()
+    if name.startswith("["):
+        name = name[1 : name.find("]")] if "]" in name else name
+    elif name.count(":") == 1:
+        name = name.rsplit(":", 1)[0]
+    if name in ("localhost", "localhost."):
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
 
 
 def _error(status: int, message: str) -> web.Response:
