@@ -177,10 +177,12 @@ Section: net
 Priority: optional
 Description: edge agent of the India Energy Stack
  A daemon for Raspberry-Pi-class gateways beside smart meters, solar inverters
- and batteries. It reads the devices over Modbus (TCP, RTU, RTU over TCP) and
- SunSpec, keeps every interval reading in a signed, append-only evidence log
- that anyone holding the gateway's public key can verify offline, and forwards
- it upstream.
+ and EV chargers. It reads meters and inverters over Modbus (TCP, RTU, RTU over
+ TCP), SunSpec and DLMS/COSEM (IS 15959), bridges OCPP 1.6J and 2.0.1 chargers
+ to their operator's central system, keeps every interval reading in a signed,
+ append-only evidence log that anyone holding the gateway's public key can
+ verify offline, answers demand-response dispatch, and forwards the evidence to
+ MQTT brokers and IES endpoints.
  .
  The package brings its Python dependencies in a private environment under
  /usr/lib/ies-agent, a sandboxed systemd service with a watchdog, first-boot

@@ -14,8 +14,10 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import logging
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -32,6 +34,7 @@ from ies_agent.state import AgentState
 from ies_agent.upstream.manager import Upstreams
 from ies_agent.upstream.settings import UpstreamConfig
 from peers.mosquitto import (
+    BlackHole,
     BrokerTls,
     Collector,
     Mosquitto,
@@ -172,6 +175,11 @@ async def test_every_entry_arrives_in_order_with_status_and_commands(
     states = [s["state"] for s in collector.status]
     assert states[0] == "online" and states[-1] == "offline"
     assert collector.status[-1]["reason"] == "shutdown"
+    # Times as in evidence (UTC ISO 8601 text); every status says the cursor.
+    for status in collector.status:
+        assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", str(status["t"]))
+    assert collector.status[0]["acked"] == -1
+    assert collector.status[-1]["acked"] == len(events) - 1
     cursor = json.loads((site.data / "upstream" / "broker.cursor.json").read_text())
     assert cursor["acked"] == len(events) - 1
 
@@ -396,6 +404,48 @@ async def test_plain_url_to_a_tls_port_and_missing_client_key_fail_clearly(
         del other
     finally:
         broker.stop()
+
+
+async def test_tls_url_to_a_plain_port_says_the_server_spoke_no_tls(
+    tmp_path: Path, broker: Mosquitto, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="ies_agent.upstream")
+    tls_url = broker.url.replace("mqtt://", "mqtts://")
+    site = Site(tmp_path / "data", [mqtt_config(tls_url, backoff_max_s=0.2)])
+    site.append(5)
+    await until(lambda: site.broker.last_error is not None, 10, "error")
+    error = site.broker.last_error or ""
+    assert "the server did not speak TLS: is this a plain MQTT port?" in error
+    assert "without TLS" in error and site.broker.acked == -1
+    await asyncio.sleep(1.0)  # several attempts, one outage line (at ERROR)
+    assert not await site.finish(0.3)
+    outages = [r for r in caplog.records if "unreachable" in r.getMessage()]
+    assert len(outages) == 1 and outages[0].levelno == logging.ERROR
+
+
+async def test_a_host_that_never_answers_times_out_with_one_outage_line(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="ies_agent.upstream")
+    hole = BlackHole()
+    try:
+        url = f"mqtt://127.0.0.1:{hole.port}"
+        site = Site(
+            tmp_path / "data", [mqtt_config(url, timeout_s=0.5, backoff_max_s=0.2)]
+        )
+        site.append(5)
+        started = time.monotonic()
+        await until(lambda: site.broker.last_error is not None, 5, "the timeout")
+        assert time.monotonic() - started < 2.0
+        error = site.broker.last_error or ""
+        assert "no answer from broker" in error and "within 0.5 s" in error
+        await asyncio.sleep(1.5)  # more attempts time out: still one line
+        assert not await site.finish(0.3)
+        outages = [r for r in caplog.records if "unreachable" in r.getMessage()]
+        assert len(outages) == 1 and outages[0].levelno == logging.WARNING
+        assert site.broker.backlog_entries == len(log_lines(site.data))
+    finally:
+        hole.close()
 
 
 async def test_username_and_password_file(tmp_path: Path) -> None:

@@ -826,6 +826,26 @@ def test_missing_slots_explained_or_not(tmp_path: Path) -> None:
     assert "m2" in found[1][1]
 
 
+def test_event_cadence_source_has_no_missing_slots(tmp_path: Path) -> None:
+    # A charger connector reads only during sessions: its source event says so and
+    # the slots it skips are no finding; an interval meter (m2) beside it still is
+    # checked, and a later source event without the marker makes m1 interval again.
+    builder, key = _two_sources(tmp_path)
+    builder.event("source", src="m1", cadence="event")
+    builder.interval_readings(["m1", "m2"], _values, 4, skip={1: ["m1", "m2"]})
+    report = verify_path(builder.dir, keys=[key])
+    assert report.ok
+    missing = [f.message for f in report.warnings if f.code == "slot_missing"]
+    assert len(missing) == 1 and missing[0].startswith("m2:")
+    builder.event("source", src="m1", dev={"ser": "INTERVAL-NOW"})
+    builder.interval_readings(
+        ["m1", "m2"], lambda s, k: _values(s, k + 4), 3, skip={1: ["m1"]}
+    )
+    report = verify_path(builder.dir, keys=[key])
+    missing = [f.message for f in report.warnings if f.code == "slot_missing"]
+    assert any(m.startswith("m1:") for m in missing)
+
+
 def test_outage_after_unclean_shutdown_is_a_warning(tmp_path: Path) -> None:
     builder, key = _two_sources(tmp_path)
     builder.interval_readings(["m1"], _values, 2)

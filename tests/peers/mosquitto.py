@@ -9,6 +9,7 @@ one) with ``cryptography``. ``Collector`` is the utility's side: a paho-mqtt cli
 that subscribes to a gateway's evidence topic, keeps one copy of every entry by
 ``seq`` and of every checkpoint, optionally confirms end to end, and writes what it
 holds as ``evidence.jsonl`` + ``checkpoints.jsonl`` for ``ies-agent verify``.
+``BlackHole`` is a port where a connect hangs, as to an unroutable host.
 """
 
 from __future__ import annotations
@@ -297,6 +298,40 @@ class TestPki:
         path = self.directory / name
         path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
         return path
+
+
+# --- a host that does not answer ------------------------------------------------------
+
+
+class BlackHole:
+    """A loopback TCP port where connecting hangs, like a host that is unroutable.
+
+    A listening socket with a backlog of 0 whose queue is filled by our own
+    connections, never accepted: the kernel then drops every further SYN, so a
+    client's connect waits until its own timeout. :meth:`close` closes the sockets.
+    """
+
+    def __init__(self) -> None:
+        self._server = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self._server.bind(("127.0.0.1", 0))
+        self._server.listen(0)
+        self.port: int = self._server.getsockname()[1]
+        self._fillers: list[socket.socket] = []
+        for _ in range(8):
+            filler = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            filler.settimeout(0.3)
+            self._fillers.append(filler)
+            try:
+                filler.connect(("127.0.0.1", self.port))
+            except TimeoutError:
+                return  # the queue is full: SYNs go unanswered from now on
+        raise RuntimeError("could not fill the listen queue of the black hole")
+
+    def close(self) -> None:
+        """Close the listening socket and the connections that fill it."""
+        for filler in self._fillers:
+            filler.close()
+        self._server.close()
 
 
 # --- the collector --------------------------------------------------------------------

@@ -22,7 +22,12 @@ def parse_units(text: str) -> list[int]:
         if not part:
             continue
         lo, _, hi = part.partition("-")
-        first, last = int(lo), int(hi or lo)
+        try:
+            first, last = int(lo), int(hi or lo)
+        except ValueError:
+            raise ValueError(
+                f"{part!r} is not a unit id or range: write e.g. 1-10,126,247"
+            ) from None
         if not (0 <= first <= last <= 255):
             raise ValueError(f"unit range {part!r} is outside 0-255")
         units.extend(range(first, last + 1))

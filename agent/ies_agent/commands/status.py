@@ -78,7 +78,9 @@ def main(args: argparse.Namespace) -> int:
     pid = agent_holds_lock(data_dir)
     problem: str | None = None
     status: dict[str, Any] = {}
-    if pid is None:
+    if not data_dir.is_dir():
+        problem = f"{data_dir} is not a directory: give the agent's --data-dir"
+    elif pid is None:
         problem = f"no agent is running on {data_dir} (its lock is not held)"
     else:
         try:

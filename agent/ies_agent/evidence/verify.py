@@ -1899,6 +1899,10 @@ class _EntryCheck:
         self.highest = -1
         """Highest seq whose contents were checked."""
         self.known_sources: set[str] = set()
+        self.event_sources: set[str] = set()
+        """Sources whose latest ``source`` event declares ``"cadence": "event"``:
+        they read when something happens (a charging session), not per interval
+        slot, so no slot is missing for them."""
         self.segment: _Segment | None = None
         self.boot: int | None = None
         self.offset_ms: int | None = None
@@ -1965,6 +1969,11 @@ class _EntryCheck:
             self.explained_by["*" if not isinstance(src, str) else src] = (pos, seq, ev)
             if ev == "read_error" and isinstance(src, str):
                 self._read_error(seq, src, entry, t_ms)
+            elif ev == "source" and isinstance(src, str):
+                if entry.get("cadence") == "event":
+                    self.event_sources.add(src)
+                else:
+                    self.event_sources.discard(src)
         return t_ms
 
     # --- boots and outages ------------------------------------------------------------
@@ -2231,6 +2240,8 @@ class _EntryCheck:
         if not len(expected):
             return
         for src in sorted(self.known_sources | set(segment.present)):
+            if src in self.event_sources:
+                continue
             present = segment.present.get(src, set())
             first = segment.first_slot.get(src)
             explained = segment.explained.get(src, {})

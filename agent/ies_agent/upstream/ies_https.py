@@ -297,10 +297,10 @@ class IesHttpsSession:
             ) from None
         except aiohttp.ClientConnectorError as exc:
             # A reset during the TLS handshake: most likely a plain HTTP port.
-            hint = plain_server_hint(str(exc), "HTTP") if transport.tls else None
-            if hint is not None:
+            plain = plain_server_hint(str(exc), "HTTP") if transport.tls else None
+            if plain is not None:
                 raise TlsError(
-                    f"TLS to {transport.target} failed: {hint} ({exc}); the agent "
+                    f"TLS to {transport.target} failed: {plain} ({exc}); the agent "
                     "never sends without TLS"
                 ) from None
             raise LinkError(f"cannot post {what}: {exc}") from None
@@ -309,16 +309,16 @@ class IesHttpsSession:
         verdict, reason = _ack_status(text)
         if status in (401, 403):
             raise AuthError(
-                f"{url} answered {status} for {what}: {reason or text[:200]}"
+                f"{shown} answered {status} for {what}: {reason or text[:200]}"
             )
         if status == 429 or status >= 500:
             raise LinkError(
-                f"{url} answered {status} for {what}: {reason or text[:200]}"
+                f"{shown} answered {status} for {what}: {reason or text[:200]}"
             )
         if verdict == "ACK" and 200 <= status < 300:
             return
         raise RejectedError(
-            f"{url} answered {status} {verdict or 'without ACK'} for {what}"
+            f"{shown} answered {status} {verdict or 'without ACK'} for {what}"
             + (f": {reason}" if reason else ""),
             reason=reason or f"HTTP {status}",
         )
