@@ -22,6 +22,7 @@ from ocpp_fixtures import RawCharger, ocpp_config, running_central
 from peers.ocpp_csms import CsmsProcess, InProcessCsms, calls_in
 
 V16, V201 = OcppVersion.V16, OcppVersion.V201
+CHARGERS = ("CP16", "CP201")
 PLAN = SessionPlan(session_s=2.5, pause_s=0.4, meter_interval_s=0.6)
 
 
@@ -55,13 +56,22 @@ async def _outage_run(tmp_path: Path, outage_s: float) -> None:
             assert all(s.sessions > b for s, b in zip(sims, before, strict=True))
             assert run.state.chargers["CP16"].journal_backlog > 0
             assert run.state.chargers["CP16"].csms_connected is False
+            seen_before = len(calls_in(csms.frames(), "CP201"))
             csms.start()
+            # Both links come back together: the first one through wakes the other.
+            await _until(
+                lambda: any(run.state.chargers[c].csms_connected for c in CHARGERS)
+            )
+            back = asyncio.get_running_loop().time()
+            await _until(
+                lambda: all(run.state.chargers[c].csms_connected for c in CHARGERS)
+            )
+            assert asyncio.get_running_loop().time() - back < 3.0
             await _until(
                 lambda: all(
                     s.sessions >= b + 2 for s, b in zip(sims, before, strict=True)
                 )
             )
-            await _until(lambda: run.state.chargers["CP201"].csms_connected is True)
             stop.set()
             await asyncio.gather(*tasks)
             # The simulators end their open sessions at stop; the agent delivers them.
@@ -77,6 +87,10 @@ async def _outage_run(tmp_path: Path, outage_s: float) -> None:
     assert s16.meter_values > 0
     s201 = check_2x(frames, "CP201")
     assert len(s201.ended) == sims[1].sessions == len(s201.started)
+    # 2.0.1 events that happened while the CSMS was away say so when replayed.
+    after = calls_in(frames, "CP201")[seen_before:]
+    replayed = [p for a, p in after if a == "TransactionEvent"]
+    assert any(p.get("offline") is True for p in replayed)
     # Offline 1.6 transactions got local ids that were mapped to the CSMS's.
     assert mapped and all(m["local_id"] > 2_000_000_000 for m in mapped)
     assert {m["csms_id"] for m in mapped} <= set(s16.started)
@@ -127,8 +141,24 @@ async def test_csms_calls_reach_the_charger_with_ids_mapped_back(
         await asyncio.sleep(0.5)
 
         # The CSMS is back; the journal is replayed and the id mapped.
+        seen_before = len(calls_in(csms.frames(), "CP16"))
         await csms.start()
         await _until(lambda: run.events("ocpp_transaction_mapped") != [])
+        # The connector's state the charger reported meanwhile is repeated, after
+        # the queue (the charger itself sent nothing since).
+        status = run.state.chargers["CP16"].connectors["1"]
+        await _until(
+            lambda: (
+                (
+                    "StatusNotification",
+                    status,
+                )
+                in [
+                    (a, p.get("status"))
+                    for a, p in calls_in(csms.frames(), "CP16")[seen_before:]
+                ]
+            )
+        )
         csms_id = run.events("ocpp_transaction_mapped")[0]["csms_id"]
         await _until(lambda: "CP16" in csms.stations)
         station = csms.stations["CP16"]
@@ -296,3 +326,22 @@ async def test_a_csms_that_refuses_a_message_does_not_block_the_queue(
     await csms.stop()
     assert rejected and rejected[0]["action"] == "MeterValues"
     assert [a for a, _ in calls_in(csms.frames(), "CP16")].count("MeterValues") == 2
+
+
+async def test_backoff_is_capped_jittered_reset_and_cut_short_by_a_peer() -> None:
+    from ies_agent.ocpp.bridge import Backoff, CsmsReachability
+
+    backoff = Backoff(0.5, 4.0)
+    delays = [backoff.next_delay() for _ in range(6)]
+    for delay, base in zip(delays, (0.5, 1, 2, 4, 4, 4), strict=True):
+        assert base * 0.8 <= delay <= min(base * 1.2, 4.0)
+    backoff.reset()
+    assert backoff.next_delay() <= 0.6
+    # A link backing off wakes as soon as another link to the CSMS gets through.
+    reach = CsmsReachability()
+    signal = reach.signal()
+    waiting = asyncio.create_task(signal.wait())
+    await asyncio.sleep(0)
+    reach.reached()
+    await asyncio.wait_for(waiting, 0.5)
+    assert not reach.signal().is_set()  # the next outage starts afresh

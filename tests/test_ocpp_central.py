@@ -539,3 +539,80 @@ async def test_an_ocpp_21_charger_boots_and_runs_a_transaction(tmp_path: Path) -
         ] == 3
         receipt = run.events("session_receipt")[0]
     assert receipt["version"] == "2.1" and receipt["energy_wh"] == "1250"
+
+
+async def test_absurd_numbers_and_times_are_flagged_never_stored_as_good(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    config = ocpp_config({"bloat": (V16,)})
+    good_time = "2025-05-01T10:00:00Z"
+
+    def meter_values(uid: str, value: str, timestamp: str = good_time) -> str:
+        sampled = {"value": value, "measurand": "Voltage", "unit": "V"}
+        payload = {
+            "connectorId": 1,
+            "meterValue": [{"timestamp": timestamp, "sampledValue": [sampled]}],
+        }
+        return json.dumps([2, uid, "MeterValues", payload])
+
+    async with (
+        running_central(config, tmp_path / "data") as run,
+        RawCharger.connect(run.url, "bloat") as charger,
+    ):
+        await charger.call(BOOT_16)
+        for uid, value in (("a", "1e100000"), ("b", "1e3000000"), ("c", "1" * 600)):
+            assert await charger.call(meter_values(uid, value)) == [3, uid, {}]
+        # An unparseable time: the value is good, the time flagged (twice, logged
+        # once for the charger).
+        for uid in ("t1", "t2"):
+            answer = await charger.call(meter_values(uid, "230.1", "not-a-time"))
+            assert answer == [3, uid, {}]
+        readings = [e for e in run.entries() if e.get("type") == "reading"]
+        assert [r["st"] for r in readings] == ["E", "E", "E", "G", "G"]
+        assert all("val" not in r for r in readings[:3])
+        assert all("value out of range" in r["note"] for r in readings[:3])
+        assert max(len(json.dumps(r)) for r in readings) < 1200
+        assert all("dt" not in r and "not a time" in r["note"] for r in readings[3:])
+        assert [r["val"] for r in readings[3:]] == ["230.1", "230.1"]
+        report = verify_path(tmp_path / "data")
+        assert report.ok, report.summary()
+    logged = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert sum("not a time" in m for m in logged) == 1
+    assert any("value out of range" in m for m in logged)
+    assert not any(r.exc_info for r in caplog.records)
+
+
+async def test_201_transaction_event_with_invalid_seq_no_is_recorded_not_applied(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    config = ocpp_config({"seq": (V201,)})
+
+    def event(uid: str, kind: str, tx: str, seq_no: int) -> str:
+        payload = {
+            "eventType": kind,
+            "timestamp": "2025-05-01T10:00:00Z",
+            "triggerReason": "Authorized",
+            "seqNo": seq_no,
+            "transactionInfo": {"transactionId": tx},
+            "evse": {"id": 1, "connectorId": 1},
+        }
+        return json.dumps([2, uid, "TransactionEvent", payload])
+
+    async with (
+        running_central(config, tmp_path / "data") as run,
+        RawCharger.connect(run.url, "seq", V201) as charger,
+    ):
+        assert (await charger.call(event("s", "Started", "T-1", 0)))[:2] == [3, "s"]
+        answer = await charger.call(event("u", "Updated", "T-ghost", -1))
+        assert answer == [3, "u", {}]
+        recorded = run.events("transaction_event_unmatched")
+        assert len(recorded) == 1
+        assert recorded[0]["flags"] == ["seq_no_invalid", "unknown_transaction"]
+        assert recorded[0]["seq_no"] == -1
+        assert recorded[0]["candidate"]["transaction_id"] == "T-1"
+        # Nothing was opened, nothing superseded or closed.
+        assert run.events("session_receipt") == []
+        assert run.state.chargers["seq"].open_transactions == 1
+    assert any(
+        "seqNo -1" in r.getMessage() for r in caplog.records if r.levelname == "WARNING"
+    )

@@ -18,7 +18,10 @@ from conftest import DATA
 from ies_drivers.ocpp.measurands import (
     FLAG_UNIT_INCONSISTENT,
     MeasurandTableError,
+    NotANumber,
+    NumberOutOfRange,
     load_measurand_table,
+    plain_number,
 )
 from ies_drivers.ocpp.rpc import (
     Call,
@@ -133,6 +136,23 @@ def test_unusable_frames_say_how_and_to_whom_to_answer(
     assert caught.value.code is code
     assert caught.value.unique_id == answer_to
     assert str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("[]", "empty frame: no message type"),
+        ('{"a": 1}', "got a JSON object"),
+        ('"x"', "got a JSON string"),
+        ("null", "got null"),
+        ('[2,"7","Heartbeat",[1]]', "got a JSON array"),
+    ],
+)
+def test_unusable_frames_are_named_in_json_words(text: str, message: str) -> None:
+    with pytest.raises(FrameError) as caught:
+        parse_frame(text)
+    assert message in str(caught.value)
+    assert "list" not in str(caught.value) and "dict" not in str(caught.value)
 
 
 def test_error_codes_are_spelled_as_each_version_writes_them() -> None:
@@ -370,6 +390,73 @@ def test_values_that_are_not_numbers_are_flagged_not_guessed() -> None:
     value = table.normalise({"value": "12,5", "measurand": "Voltage"}, V16)
     assert value.value is None
     assert any("not a number" in flag for flag in value.flags)
+
+
+@pytest.mark.parametrize(
+    ("sampled", "version"),
+    [
+        ({"value": "1e100000", "measurand": "Voltage", "unit": "V"}, V16),
+        ({"value": "1e3000000", "measurand": "Voltage", "unit": "V"}, V16),
+        ({"value": "1e-100000", "measurand": "Voltage", "unit": "V"}, V16),
+        ({"value": "1e999999999999999999999999", "unit": "kWh"}, V16),
+        ({"value": "1" * 5000, "measurand": "Voltage", "unit": "V"}, V16),
+        ({"value": 10**4000, "unit": "Wh"}, V16),
+        ({"value": Decimal("1E+100000"), "unit": "Wh"}, V16),
+        ({"value": "1000000000000", "unit": "kWh"}, V16),  # 10^15 Wh
+        ({"value": "0.0000000000001", "unit": "Wh"}, V16),  # 13 decimals
+        (
+            {
+                "value": Decimal("1.5"),
+                "unitOfMeasure": {"unit": "kWh", "multiplier": 10**30},
+            },
+            V201,
+        ),
+        (
+            {
+                "value": Decimal("1.5"),
+                "unitOfMeasure": {"unit": "W", "multiplier": -99},
+            },
+            V201,
+        ),
+        (
+            {
+                "value": Decimal("1"),
+                "measurand": "Power.Active.Export",
+                "unitOfMeasure": {"unit": "Wh", "multiplier": 10**9},
+            },
+            V201,
+        ),
+    ],
+)
+def test_numbers_out_of_range_are_flagged_never_expanded_or_raised(
+    sampled: dict[str, object], version: OcppVersion
+) -> None:
+    value = load_measurand_table().normalise(sampled, version)
+    assert value.value is None
+    flags = "; ".join(value.flags)
+    assert "value out of range" in flags and len(flags) < 300
+
+
+def test_numbers_within_range_stay_exact() -> None:
+    table = load_measurand_table()
+    big = table.normalise({"value": "999999999999.999", "unit": "kWh"}, V16)
+    assert big.value == "999999999999999" and not big.flags
+    small = table.normalise({"value": "0.000000001", "unit": "kWh"}, V16)
+    assert small.value == "0.000001"
+    assert plain_number("12345678901234567890", -6) == "12345678901234.567890"
+    with pytest.raises(NumberOutOfRange):
+        plain_number("1e16")
+    with pytest.raises(NotANumber):
+        plain_number("Infinity")
+
+
+@given(st.text(max_size=40) | st.integers() | st.decimals(allow_nan=True))
+@settings(max_examples=300, deadline=None)
+def test_any_value_normalises_without_raising(raw: object) -> None:
+    value = load_measurand_table().normalise(
+        {"value": raw, "unitOfMeasure": {"unit": "kWh", "multiplier": 7}}, V201
+    )
+    assert value.value is None or len(value.value) <= 40
 
 
 def test_a_broken_measurand_table_names_file_line_and_key(tmp_path: Path) -> None:

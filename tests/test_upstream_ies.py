@@ -242,6 +242,33 @@ async def test_a_wrong_signing_key_is_refused_and_nothing_counts_as_sent(
     assert state.upstreams["ies"].acked == -1 and endpoint.entries == {}
 
 
+async def test_https_url_to_a_plain_http_port_says_the_server_spoke_no_tls(
+    tmp_path: Path, pki: TestPki
+) -> None:
+    endpoint = IesEndpoint(keys=None)  # plain HTTP
+    plain_url = await endpoint.start()
+    try:
+        data = tmp_path / "data"
+        write_site_log(data, 1)
+        config = UpstreamConfig(
+            name="ies",
+            kind="ies-https",
+            url=plain_url.replace("http://", "https://"),
+            tls_ca_file=pki.ca,
+            backoff_max_s=0.3,
+            timeout_s=1.0,
+        )
+        upstreams, state = upstreams_for(data, config)
+        upstreams.start()
+        assert not await upstreams.finish(1.0)
+        error = state.upstreams["ies"].last_error or ""
+        assert "the server did not speak TLS: is this a plain HTTP port?" in error
+        assert "never sends without TLS" in error
+        assert endpoint.requests == 0 and state.upstreams["ies"].acked == -1
+    finally:
+        await endpoint.stop()
+
+
 async def test_adapter_mode_over_mutual_tls(tmp_path: Path, pki: TestPki) -> None:
     endpoint = IesEndpoint(
         cert=pki.server_cert, key=pki.server_key, client_ca=pki.ca, keys=None

@@ -832,7 +832,7 @@ def test_event_cadence_source_has_no_missing_slots(tmp_path: Path) -> None:
     # checked, and a later source event without the marker makes m1 interval again.
     builder, key = _two_sources(tmp_path)
     builder.event("source", src="m1", cadence="event")
-    builder.interval_readings(["m1", "m2"], _values, 4, skip={1: ["m1", "m2"]})
+    builder.interval_readings(["m1", "m2"], _values, 4, skip={1: ["m1"], 2: ["m2"]})
     report = verify_path(builder.dir, keys=[key])
     assert report.ok
     missing = [f.message for f in report.warnings if f.code == "slot_missing"]

@@ -304,19 +304,24 @@ class TestPki:
 
 
 class BlackHole:
-    """A loopback TCP port where connecting hangs, like a host that is unroutable.
+    """A loopback TCP port where an MQTT connect never completes, like a host that is
+    unroutable (``silent=False``) or a server that accepts and never answers.
 
-    A listening socket with a backlog of 0 whose queue is filled by our own
-    connections, never accepted: the kernel then drops every further SYN, so a
-    client's connect waits until its own timeout. :meth:`close` closes the sockets.
+    Unroutable: a listening socket with a backlog of 0 whose queue is filled by our
+    own connections, never accepted; the kernel then drops every further SYN, so a
+    client's connect waits until its own timeout. Silent: the kernel completes the
+    handshake into a roomy queue, and nobody ever reads or writes. :meth:`close`
+    closes the sockets.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, *, silent: bool = False) -> None:
         self._server = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self._server.bind(("127.0.0.1", 0))
-        self._server.listen(0)
+        self._server.listen(64 if silent else 0)
         self.port: int = self._server.getsockname()[1]
         self._fillers: list[socket.socket] = []
+        if silent:
+            return
         for _ in range(8):
             filler = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
             filler.settimeout(0.3)

@@ -24,8 +24,9 @@ Reading (:func:`read_dispatch`, called by :mod:`ies_agent.config`)::
     key = "ven.key"                      #   and the VTN's expected fingerprint
     vtn_fingerprint = "AA:BB:..."
 
-    [dispatch.beckn]                     # DemandFlexNeed issuers
-    key_lookup = "pinned"                # only keys pinned in trust_dir
+    [dispatch.beckn]                     # DemandFlexNeed issuers, over MQTT on
+    key_lookup = "pinned"                #   {prefix}/{gw}/cmd/<command>; only keys
+    command = "beckn"                    #   pinned in trust_dir (beckn_route)
 
     [dispatch.mv]
     method = "high-5-of-10"              # baseline: best 5 of the past 10 days
@@ -52,7 +53,9 @@ Running (:func:`start_dispatch`, called by :mod:`ies_agent.runtime`): builds the
 :class:`~ies_agent.dispatch.engine.DispatchEngine` with one actuator per target (SunSpec
 inverters on the site's Modbus bus owners, chargers through the OCPP central system),
 starts it (persisted events are resumed or reverted), routes the MQTT command to it,
-sends its acknowledgements back over every MQTT upstream, runs the OpenADR VEN and
+sends its acknowledgements back over every MQTT upstream, routes Beckn
+``DemandFlexNeed`` messages (:mod:`ies_agent.dispatch.beckn_route`) when
+``[dispatch.beckn]`` is present, runs the OpenADR VEN and
 gives the local page a live list of events. A trust store or pack that cannot be used
 is recorded as a ``config_error`` event; dispatch then refuses events, with the reason,
 rather than act without rules.
@@ -113,7 +116,7 @@ _OPENADR_KEYS = {
     "key",
     "vtn_fingerprint",
 }
-_BECKN_KEYS = {"key_lookup"}
+_BECKN_KEYS = {"key_lookup", "command"}
 _MV_KEYS = {"method", "meters", "quantity", "settle_s"}
 _DEVICE_KEYS = {"id", "kind", "groups", "max_a", "voltage_v", "phases"}
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
@@ -163,7 +166,8 @@ class DispatchConfig:
 
     ``trust_dir`` / ``policies`` are ``None`` / empty for the shipped defaults;
     ``mqtt_command`` is ``None`` when the MQTT source is off; ``contact_timeout_s``
-    is ``None`` when the contact watchdog is off.
+    is ``None`` when the contact watchdog is off; ``beckn_command`` is ``None``
+    unless ``[dispatch.beckn]`` is present (then Beckn needs come over MQTT).
     """
 
     enabled: bool = True
@@ -173,6 +177,7 @@ class DispatchConfig:
     mqtt_command: str | None = DEFAULT_COMMAND
     openadr: OpenAdrSettings | None = None
     beckn_key_lookup: str = "pinned"
+    beckn_command: str | None = None
     mv: MvConfig = field(default_factory=MvConfig)
     devices: tuple[DispatchTarget, ...] = ()
 
@@ -219,6 +224,7 @@ def read_dispatch(
         mqtt_command=_mqtt(check, table, at),
         openadr=_openadr(check, table, at, resolve, ids),
         beckn_key_lookup=_beckn(check, table, at),
+        beckn_command=_beckn_command(check, table, at),
         mv=_mv(check, table, at, known | chargers),
         devices=targets,
     )
@@ -346,6 +352,23 @@ def _beckn(check: ProblemCollector, table: Mapping[str, Any], at: KeyPath) -> st
     check.unknown_keys(sub, _BECKN_KEYS, where)
     return check.choice(sub, (*where, "key_lookup"), ("pinned",), default="pinned") or (
         "pinned"
+    )
+
+
+def _beckn_command(
+    check: ProblemCollector, table: Mapping[str, Any], at: KeyPath
+) -> str | None:
+    sub = table.get("beckn")
+    if not isinstance(sub, Mapping):
+        return None  # absent (or not a table: reported by _beckn)
+    from ies_agent.dispatch.beckn_route import BECKN_COMMAND
+
+    return check.string(
+        sub,
+        (*at, "beckn", "command"),
+        default=BECKN_COMMAND,
+        pattern=_NAME,
+        pattern_text=_NAME_TEXT,
     )
 
 
@@ -524,6 +547,7 @@ class DispatchService:
     commands: CommandRegistry
     command_name: str | None
     ven: OpenAdrVen | None = None
+    beckn_command: str | None = None
 
     async def run_ven(self, stop: asyncio.Event, retry_s: float = 30.0) -> None:
         """Register with the VTN and poll until ``stop``; retry registration every
@@ -549,6 +573,8 @@ class DispatchService:
         """Stop taking events, stop the VEN, revert what is active (clean stop)."""
         if self.command_name is not None:
             self.commands.unregister(self.command_name)
+        if self.beckn_command is not None:
+            self.commands.unregister(self.beckn_command)
         if self.ven is not None:
             with contextlib.suppress(Exception):
                 await self.ven.stop()
@@ -683,6 +709,9 @@ async def start_dispatch(
     if config.mqtt_command is not None:
         engine.register_source("mqtt", mqtt_ack_sink(mqtt_transports, site.gateway.id))
         commands.register(config.mqtt_command, mqtt_command_handler(engine))
+    if config.beckn_command is not None:
+        service.beckn_command = config.beckn_command
+        _route_beckn(engine, site, config.beckn_command, commands, mqtt_transports)
     await engine.start()
     if config.openadr is not None:
         service.ven = _ven(engine, config.openadr, evidence)
@@ -695,11 +724,39 @@ async def start_dispatch(
                 "packs": ",".join(p.label for p in packs) or "none",
                 "devices": ",".join(sorted(actuators)) or "none",
                 "mqtt": config.mqtt_command or "off",
+                "beckn": config.beckn_command or "off",
                 "openadr": "on" if service.ven is not None else "off",
             }
         },
     )
     return service
+
+
+def _route_beckn(
+    engine: DispatchEngine,
+    site: Site,
+    command: str,
+    commands: CommandRegistry,
+    mqtt_transports: Sequence[Any],
+) -> None:
+    """Take Beckn needs on ``cmd/<command>``; answer signed as the gateway when an
+    upstream holds its Beckn key (an unusable key is recorded; answers go unsigned)."""
+    from ies_agent.dispatch.beckn_route import BecknRoute, gateway_signer
+    from ies_agent.upstream.errors import AuthError
+
+    try:
+        signer = gateway_signer(site.upstreams)
+    except AuthError as exc:
+        _record_problem(engine.evidence, "dispatch.beckn", f"answers unsigned: {exc}")
+        signer = None
+    route = BecknRoute(
+        engine,
+        transports=mqtt_transports,
+        gateway_id=site.gateway.id,
+        signer=signer,
+    )
+    route.register()
+    commands.register(command, route.handle)
 
 
 def _actuator(

@@ -5,15 +5,23 @@ charger's identity (``<csms url>/<charger id>``, subprotocol = the version of th
 messages it carries). It runs one task that:
 
 1. connects while there is something to carry (the charger is connected, or the
-   journal holds undelivered messages), with capped, jittered backoff; an outage is
-   logged once and its recovery once;
+   journal holds undelivered messages), with capped, jittered back-off
+   (:class:`Backoff`) reset on success; an outage is logged once and its recovery
+   once. Every link to one CSMS shares a :class:`CsmsReachability`: when one of them
+   gets through, the others stop backing off and try at once, so all chargers
+   return together instead of each at a random point of its own back-off (a 1.6
+   link back after 1 s, a 2.0.1 link after 27 s);
 2. replays the charger's last BootNotification of that version on every connect
    and waits for ``Accepted`` before sending anything else;
 3. delivers the journal in order, one entry at a time, rewriting OCPP 1.6
    transaction ids given locally during an outage to the ids the CSMS gave, and
    advances the cursor only on an answer. A CALLERROR answer is an answer (the
    CSMS saw the message and refused it: recorded, never retried forever); a timeout
-   or a lost connection is not (the entry is sent again).
+   or a lost connection is not (the entry is sent again). A 2.x TransactionEvent
+   received before the link was last ready goes with ``offline: true``;
+4. once the journal is delivered after a (re)connect, re-sends each connector's last
+   StatusNotification of that version, so the CSMS knows the connectors' state
+   (the ones the charger sent meanwhile were answered by the agent).
 
 The charger's session asks :meth:`UpstreamLink.deliver` to hand it the CSMS's answer
 to a billing-critical message when it arrives within ``answer_wait_s``, else answers
@@ -58,7 +66,55 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 BACKOFF_FIRST_S = 0.5
+BACKOFF_JITTER = 0.2
+"""Each delay is drawn from ``delay * (1 ± 0.2)`` so chargers do not retry in step."""
 BOOT_RETRY_MAX_S = 30.0
+
+
+class Backoff:
+    """Capped, jittered exponential back-off: ``first_s``, doubling, at most ``cap_s``.
+
+    :meth:`next_delay` returns the next pause in seconds and doubles the base;
+    :meth:`reset` (after a success) starts again from ``first_s``.
+    """
+
+    def __init__(self, first_s: float, cap_s: float) -> None:
+        self.first_s = first_s
+        self.cap_s = max(cap_s, first_s)
+        self._base = first_s
+
+    def next_delay(self) -> float:
+        """The pause before the next attempt, in seconds (jittered, capped)."""
+        delay = min(self._base, self.cap_s) * random.uniform(
+            1 - BACKOFF_JITTER, 1 + BACKOFF_JITTER
+        )
+        self._base = min(self._base * 2, self.cap_s)
+        return min(delay, self.cap_s)
+
+    def reset(self) -> None:
+        """Start again from the first delay (the last attempt succeeded)."""
+        self._base = self.first_s
+
+
+class CsmsReachability:
+    """What all links to one CSMS know together: whether it was reached lately.
+
+    A link whose boot the CSMS accepted calls :meth:`reached`; links backing off
+    wait on the :meth:`signal` event as well as their own delay, and retry as soon
+    as another link got through.
+    """
+
+    def __init__(self) -> None:
+        self._reached = asyncio.Event()
+
+    def reached(self) -> None:
+        """A link just connected: wake every link that is backing off."""
+        event, self._reached = self._reached, asyncio.Event()
+        event.set()
+
+    def signal(self) -> asyncio.Event:
+        """The event the next :meth:`reached` sets (take it before pausing)."""
+        return self._reached
 
 
 class UpstreamUnavailable(OcppLinkError):
@@ -121,6 +177,10 @@ class HubPort(Protocol):
         """The last BootNotification of this charger in ``version``."""
         ...
 
+    def last_status(self, version: OcppVersion) -> list[dict[str, Any]]:
+        """The last StatusNotification payload of each connector, in ``version``."""
+        ...
+
     async def handle_csms_call(
         self, call: Call, version: OcppVersion
     ) -> dict[str, Any]:
@@ -142,6 +202,7 @@ class UpstreamLink:
         reconnect_max_s: float,
         on_event: Callable[[str, dict[str, Any]], None] | None = None,
         on_connected: Callable[[bool], None] | None = None,
+        reachability: CsmsReachability | None = None,
     ) -> None:
         self.hub = hub
         self.csms = csms
@@ -161,6 +222,11 @@ class UpstreamLink:
         self._reader: asyncio.Task[None] | None = None
         self._stopping = False
         self.stats = LinkStats()
+        self.backoff = Backoff(BACKOFF_FIRST_S, reconnect_max_s)
+        self.reachability = reachability or CsmsReachability()
+        self.ready_since_ms = 0
+        """Wall-clock ms when the link last became ready (0: never)."""
+        self._status_due = False
 
     # --- lifecycle --------------------------------------------------------------------
 
@@ -252,7 +318,6 @@ class UpstreamLink:
     # --- the task ---------------------------------------------------------------------
 
     async def _run(self) -> None:
-        backoff = BACKOFF_FIRST_S
         while not self._stopping:
             # Clear before looking, so news that comes while we act is not lost.
             self._wake.clear()
@@ -271,18 +336,19 @@ class UpstreamLink:
                     await self._connect(version)
                 except (OSError, InvalidHandshake, InvalidURI, TimeoutError) as exc:
                     self._outage(f"cannot connect to {self.url}: {_why(exc)}")
-                    await self._pause(backoff * random.uniform(0.8, 1.2))
-                    backoff = min(backoff * 2, self.reconnect_max_s)
+                    await self._back_off()
                     continue
             try:
+                was_ready = self._ready
                 await self._boot(version)
-                backoff = BACKOFF_FIRST_S
+                if not was_ready:
+                    self.backoff.reset()
+                    self.reachability.reached()
                 await self._pump(version)
             except OcppLinkError as exc:
                 self._outage(f"{self.url}: {exc}")
                 await self._disconnect("")
-                await self._pause(backoff * random.uniform(0.8, 1.2))
-                backoff = min(backoff * 2, self.reconnect_max_s)
+                await self._back_off()
             except JournalError as exc:
                 log.error(
                     "%s: journal unusable, delivery stopped: %s",
@@ -405,6 +471,10 @@ class UpstreamLink:
             self._wake.clear()
             entry = self.hub.peek()
             if entry is None:
+                if self._status_due:
+                    self._status_due = False
+                    await self._resend_status(conn, version)
+                    continue
                 if self.hub.live_version() is not version:
                     return
                 await self._sleep_until_woken(None, conn)
@@ -444,6 +514,42 @@ class UpstreamLink:
                 handed = True
             self.hub.delivered(entry, answer, handed)
             self.stats.delivered += 1
+
+    async def _resend_status(self, conn: RpcConnection, version: OcppVersion) -> None:
+        """Send each connector's last StatusNotification again (after a reconnect).
+
+        A refusal is logged and dropped (the CSMS saw it); a lost connection or a
+        timeout raises, and the statuses go again after the next connect.
+        """
+        for payload in self.hub.last_status(version):
+            try:
+                await conn.call("StatusNotification", payload)
+            except CallRejected as exc:
+                log.warning(
+                    "%s: CSMS refused the repeated StatusNotification: %s",
+                    self.hub.charger_id,
+                    exc,
+                )
+            except OcppLinkError:
+                self._status_due = True
+                raise
+
+    async def _back_off(self) -> None:
+        """Pause for the next back-off delay, or until another link reaches the CSMS
+        or the link stops."""
+        delay = self.backoff.next_delay()
+        reached = self.reachability.signal()
+        waits = [
+            asyncio.ensure_future(self._stopped.wait()),
+            asyncio.ensure_future(reached.wait()),
+        ]
+        try:
+            await asyncio.wait(
+                waits, timeout=delay, return_when=asyncio.FIRST_COMPLETED
+            )
+        finally:
+            for task in waits:
+                task.cancel()
 
     async def _disconnect(self, reason: str) -> None:
         conn, self.conn = self.conn, None
@@ -488,6 +594,9 @@ class UpstreamLink:
             self._on_connected(connected)
 
     def _set_ready(self, ready: bool) -> None:
+        if ready and not self._ready:
+            self.ready_since_ms = int(time.time() * 1000)
+            self._status_due = True
         self._ready = ready
         if ready:
             self._wake.set()

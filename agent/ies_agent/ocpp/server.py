@@ -50,7 +50,7 @@ from websockets.http11 import Request, Response
 from websockets.typing import Subprotocol
 
 from ies_agent.clock import Clock, SystemClock
-from ies_agent.ocpp.bridge import UpstreamLink
+from ies_agent.ocpp.bridge import CsmsReachability, UpstreamLink
 from ies_agent.ocpp.config import CHARGER_ID, ChargerConfig, OcppConfig
 from ies_agent.ocpp.journal import ChargerStore, JournalError
 from ies_agent.ocpp.session import (
@@ -107,6 +107,8 @@ class CentralSystem:
         self.clock = clock or SystemClock()
         self.reconnect_max_s = reconnect_max_s
         self.hubs: dict[str, ChargerHub] = {}
+        self._reachability = CsmsReachability()
+        """Shared by every charger's CSMS link: one getting through wakes the rest."""
         self._server: Server | None = None
         self._handshakes: WeakKeyDictionary[
             ServerConnection, tuple[ChargerConfig, list[str]]
@@ -285,6 +287,7 @@ class CentralSystem:
                 reconnect_max_s=self.reconnect_max_s,
                 on_event=hub.record_event,
                 on_connected=hub.csms_connected,
+                reachability=self._reachability,
             )
             hub.status.csms_connected = False
         self.hubs[charger.id] = hub

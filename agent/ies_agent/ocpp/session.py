@@ -43,8 +43,13 @@ from ies_agent.ocpp.connection import (
     RpcConnection,
 )
 from ies_agent.ocpp.journal import ChargerStore, JournalEntry, JournalError
-from ies_agent.ocpp.transactions import Outcome, TransactionBook
-from ies_drivers.ocpp.measurands import DEFAULT_MEASURAND, MeasurandTable
+from ies_agent.ocpp.transactions import Outcome, TransactionBook, parse_time
+from ies_drivers.ocpp.measurands import (
+    DEFAULT_MEASURAND,
+    MeasurandTable,
+    NumberError,
+    plain_number,
+)
 from ies_drivers.ocpp.rpc import Call, ErrorCode, dumps
 from ies_drivers.ocpp.validation import PayloadError, check_payload
 from ies_drivers.ocpp.versions import OcppVersion
@@ -87,6 +92,12 @@ FILE_STATUS_CALLS = frozenset(
     }
 )
 """Charger calls reporting on such a file (relayed to the CSMS as any other)."""
+RAW_MAX_CHARS = 512
+"""Longest sampled value kept verbatim in a reading's ``raw``; a longer one is kept
+as its SHA-256, so no charger can make evidence lines large."""
+FLAG_BAD_TIME = "timestamp is not a time"
+MAX_CONNECTORS = 64
+"""Most connectors whose last status a hub keeps (a charger has a handful)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -188,6 +199,14 @@ class ChargerHub:
         self.file_bridge = file_bridge
         self._evidence_broken = False
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._statuses: dict[tuple[OcppVersion, str], dict[str, Any]] = {}
+        """(version, connector key) -> the last StatusNotification payload."""
+        self.bad_time_warned = False
+        self.warned_kinds: set[tuple[str, ...]] = set()
+        """Kinds of unusable sampled values already logged (once each)."""
+        """A warning about unparseable charger timestamps was logged (once)."""
+        self.cadence_declared: set[str] = set()
+        """Connector sources whose ``source`` event (``cadence: event``) is written."""
         self.status.open_transactions = self.book.open_count
         self.status.journal_backlog = store.backlog
 
@@ -243,8 +262,20 @@ class ChargerHub:
         return self.store.peek()
 
     def prepare(self, entry: JournalEntry) -> dict[str, Any]:
-        """Map local 1.6 transaction ids to the CSMS's in an entry about to go."""
+        """Map local 1.6 transaction ids to the CSMS's in an entry about to go.
+
+        A 2.x TransactionEvent received before the link was last ready (the CSMS was
+        away, or the agent restarted) goes with ``offline: true``, as the charger
+        would have sent it had it known.
+        """
         payload = dict(entry.payload)
+        if (
+            not entry.version.is_16
+            and entry.action == "TransactionEvent"
+            and self.link is not None
+            and entry.t_ms < self.link.ready_since_ms
+        ):
+            payload["offline"] = True
         if entry.version.is_16 and entry.action in ("MeterValues", "StopTransaction"):
             tx = payload.get("transactionId")
             mapped = self.store.state.tx_map.get(str(tx)) if tx is not None else None
@@ -295,6 +326,20 @@ class ChargerHub:
     def boot_payload(self, version: OcppVersion) -> dict[str, Any] | None:
         boot = self.store.state.boots.get(version.value)
         return dict(boot) if boot is not None else None
+
+    def last_status(self, version: OcppVersion) -> list[dict[str, Any]]:
+        return [dict(p) for (v, _), p in self._statuses.items() if v is version]
+
+    def note_status(
+        self, version: OcppVersion, key: str, payload: dict[str, Any]
+    ) -> None:
+        """Keep a connector's last StatusNotification (re-sent after a reconnect).
+
+        At most :data:`MAX_CONNECTORS` connectors are kept per version.
+        """
+        known = sum(1 for v, _ in self._statuses if v is version)
+        if (version, key) in self._statuses or known < MAX_CONNECTORS:
+            self._statuses[(version, key)] = dict(payload)
 
     async def handle_csms_call(
         self, call: Call, version: OcppVersion
@@ -730,7 +775,7 @@ class ChargerSession:
                 str(tx_id),
                 connector=connector,
                 id_tag=id_tag,
-                timestamp=p.get("timestamp"),
+                timestamp=_valid_time(p.get("timestamp")),
                 meter_start_wh=_wh(p.get("meterStart")),
                 local=local,
             )
@@ -747,7 +792,7 @@ class ChargerSession:
         answer = await self._from_csms(entry)
         outcome = hub.book.stop(
             tx_key,
-            timestamp=p.get("timestamp"),
+            timestamp=_valid_time(p.get("timestamp")),
             meter_stop_wh=_wh(p.get("meterStop")),
             reason=p.get("reason"),
             csms_id=hub.csms_id_for(tx_key),
@@ -791,13 +836,45 @@ class ChargerSession:
         token = p.get("idToken") if isinstance(p.get("idToken"), dict) else None
         id_token = token.get("idToken") if token else None
         event = p.get("eventType")
+        seq_no = p.get("seqNo")
+        if not (
+            isinstance(seq_no, int) and not isinstance(seq_no, bool) and seq_no >= 0
+        ):
+            # Not a sequence this charger could have sent in order: keep what it
+            # said (readings included), open or close nothing.
+            flags = ["seq_no_invalid"]
+            if not hub.book.is_open(tx_id):
+                flags.append("unknown_transaction")
+            outcome = hub.book.unmatched_event(
+                tx_id,
+                event_type=event,
+                seq_no=seq_no,
+                timestamp=_valid_time(p.get("timestamp")),
+                flags=flags,
+            )
+            message = (
+                f"TransactionEvent {_shown(event)} seqNo {_shown(seq_no)} for "
+                f"transaction {_shown(tx_id)}: recorded, nothing opened or closed "
+                f"({', '.join(flags)})"
+            )
+            self._warned(message)
+            log.warning("%s: %s", hub.charger_id, message)
+            hub.record_outcome(outcome)
+            self._meter_values(
+                evse_id,
+                p.get("meterValue"),
+                tx_id if hub.book.is_open(tx_id) else None,
+                call.action,
+            )
+            answer = await self._from_csms(entry)
+            return answer if answer is not None else {}
         if event != "Ended" and not hub.book.is_open(tx_id):
             for outcome in hub.book.start(
                 self.version,
                 tx_id,
                 connector=evse_id,
                 id_tag=id_token,
-                timestamp=p.get("timestamp"),
+                timestamp=_valid_time(p.get("timestamp")),
                 meter_start_wh=None,
             ):
                 hub.record_outcome(outcome)
@@ -808,10 +885,18 @@ class ChargerSession:
         if event == "Ended":
             outcome = hub.book.stop(
                 tx_id,
-                timestamp=p.get("timestamp"),
+                timestamp=_valid_time(p.get("timestamp")),
                 meter_stop_wh=None,
                 reason=info.get("stoppedReason"),
             )
+            if outcome.ev != "session_receipt":
+                log.warning(
+                    "%s: TransactionEvent Ended for transaction %s, which is not "
+                    "open: recorded as unmatched (%s)",
+                    hub.charger_id,
+                    _shown(tx_id),
+                    ", ".join(outcome.fields.get("flags", [])),
+                )
             hub.record_outcome(outcome)
         hub.save_state()
         if answer is None:
@@ -906,17 +991,20 @@ class ChargerSession:
             value = payload.get("connectorStatus")
         if isinstance(value, str):
             self.hub.status.connectors[key] = value
+            self.hub.note_status(self.version, key, payload)
 
     # --- meter values → evidence ------------------------------------------------------
 
     def _register(
         self, connector: int, value: Any, timestamp: Any, action: str
     ) -> None:
-        """Record a 1.6 meterStart/meterStop (an energy register in Wh)."""
-        wh = _wh(value)
-        if wh is None:
+        """Record a 1.6 meterStart/meterStop (an energy register in Wh).
+
+        A value out of range is recorded as sent and flagged (no good reading).
+        """
+        if value is None:
             return
-        sampled = {"value": wh, "measurand": DEFAULT_MEASURAND, "unit": "Wh"}
+        sampled = {"value": value, "measurand": DEFAULT_MEASURAND, "unit": "Wh"}
         field = "meterStart" if action == "StartTransaction" else "meterStop"
         self._sample(connector, sampled, timestamp, None, f"{action}.{field}")
 
@@ -944,8 +1032,11 @@ class ChargerSession:
         hub = self.hub
         value = hub.table.normalise(sampled, self.version)
         src = f"{hub.charger_id}/{connector}"
+        self._declare_cadence(src)
+        device_time, time_flag = self._device_time(timestamp, action)
+        flags = [*value.flags, time_flag] if time_flag else list(value.flags)
         text = dumps(sampled)
-        if value.signed is not None:
+        if value.signed is not None or len(text) > RAW_MAX_CHARS:
             raw = (
                 f"{self.version.subprotocol}:{action}:sha256:"
                 + hashlib.sha256(text.encode()).hexdigest()
@@ -968,9 +1059,9 @@ class ChargerSession:
                 t_ms=stamp.t_ms,
                 tq=stamp.tq,
                 mono_ns=max(stamp.mono_ns, 1),
-                device_time=timestamp if isinstance(timestamp, str) else None,
+                device_time=device_time,
                 cumulative=value.cumulative,
-                note="; ".join(value.flags) or None,
+                note="; ".join(flags) or None,
             )
             seq = hub.record_reading(reading)
         signed = value.signed.as_dict() if value.signed is not None else None
@@ -988,6 +1079,21 @@ class ChargerSession:
             if tx_id is not None:
                 fields["transaction_id"] = tx_id
             hub.record("signed_meter_value", fields, src=src)
+        if value.value is None and value.signed is None:
+            # No good reading: say so (each kind of problem once per charger).
+            problem = "; ".join(value.flags)
+            self._warned(f"{action} {src}: {problem}")
+            kind = tuple(flag.split(":", 1)[0] for flag in value.flags)
+            if kind not in hub.warned_kinds:
+                hub.warned_kinds.add(kind)
+                log.warning(
+                    "%s: %s %s stored as an error reading: %s (logged once per "
+                    "charger and kind)",
+                    hub.charger_id,
+                    action,
+                    src,
+                    problem,
+                )
         if tx_id is None:
             return
         if (
@@ -999,6 +1105,52 @@ class ChargerSession:
             hub.book.note_energy(tx_id, value.value, signed)
         elif signed is not None:
             hub.book.note_signed(tx_id, signed)
+
+    def _declare_cadence(self, src: str) -> None:
+        """Say once per agent run, before its first reading, that ``src`` reads when
+        the charger reports (during sessions), not per interval slot, so the
+        verifier expects no reading in every slot."""
+        hub = self.hub
+        if src in hub.cadence_declared:
+            return
+        hub.cadence_declared.add(src)
+        hub.record(
+            "source",
+            {
+                "cadence": "event",
+                "dev": {
+                    "protocol": self.version.subprotocol,
+                    "charger": hub.charger_id,
+                },
+            },
+            src=src,
+        )
+
+    def _device_time(
+        self, timestamp: Any, action: str
+    ) -> tuple[str | None, str | None]:
+        """Return the charger's time for a reading, or ``None`` and a flag.
+
+        An unparseable time is no device time (the reading keeps gateway time); it
+        is flagged on the reading and logged once per charger.
+        """
+        if timestamp is None:
+            return None, None
+        if isinstance(timestamp, str) and parse_time(timestamp) is not None:
+            return timestamp, None
+        flag = f"{FLAG_BAD_TIME}: {_shown(timestamp)}"
+        hub = self.hub
+        if not hub.bad_time_warned:
+            hub.bad_time_warned = True
+            log.warning(
+                "%s: %s carries %s; readings keep gateway time (logged once per "
+                "charger)",
+                hub.charger_id,
+                action,
+                flag,
+            )
+        self._warned(f"{action}: {flag}")
+        return None, flag
 
 
 def dispatch_profile(
@@ -1077,11 +1229,21 @@ def _tx_key(value: Any) -> str | None:
 
 
 def _wh(value: Any) -> str | None:
-    if isinstance(value, int) and not isinstance(value, bool):
-        return str(value)
-    if isinstance(value, Decimal) and value.is_finite():
-        return format(value, "f")
-    return None
+    """A 1.6 meterStart/meterStop in Wh as plain text; ``None`` when unusable."""
+    try:
+        return plain_number(value)
+    except NumberError:
+        return None
+
+
+def _valid_time(value: Any) -> str | None:
+    """A charger's timestamp when it is one, else ``None``."""
+    return value if isinstance(value, str) and parse_time(value) is not None else None
+
+
+def _shown(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def _int(value: Any, default: int) -> int:

@@ -24,7 +24,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from decimal import Decimal, InvalidOperation
+from decimal import (
+    Context,
+    Decimal,
+    DecimalException,
+    Inexact,
+    InvalidOperation,
+    Overflow,
+    Rounded,
+)
 from typing import Any
 
 from ies_agent.ocpp.journal import ChargerState
@@ -32,6 +40,9 @@ from ies_drivers.ocpp.versions import OcppVersion
 
 RECEIPT_EVENT = "session_receipt"
 UNMATCHED_EVENT = "session_stop_unmatched"
+EVENT_UNMATCHED_EVENT = "transaction_event_unmatched"
+_EXACT = Context(prec=60, traps=[InvalidOperation, Overflow, Inexact, Rounded])
+"""Energy arithmetic: exact or ``energy_unknown``, never rounded, never raising."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,6 +141,43 @@ class TransactionBook:
             return outcome
         return self._unmatched(tx_id, timestamp, meter_stop_wh, reason)
 
+    def unmatched_event(
+        self,
+        tx_id: str,
+        *,
+        event_type: Any,
+        seq_no: Any,
+        timestamp: str | None,
+        flags: list[str],
+    ) -> Outcome:
+        """Record a 2.x TransactionEvent that fits no transaction (FC-10's kind).
+
+        Nothing is opened or closed: ``flags`` say what was wrong (``seq_no_invalid``,
+        ``unknown_transaction``), the open transaction it may have meant is named.
+        """
+        fields: dict[str, Any] = {
+            "charger": self.charger_id,
+            "transaction_id": tx_id,
+            "event_type": event_type if isinstance(event_type, str) else None,
+            "seq_no": seq_no
+            if isinstance(seq_no, int)
+            and not isinstance(seq_no, bool)
+            and abs(seq_no) < 2**63
+            else None,
+            "timestamp": timestamp,
+            "flags": list(flags),
+        }
+        if len(self.state.open_tx) == 1:
+            other_id, other = next(iter(self.state.open_tx.items()))
+            fields["candidate"] = {
+                "transaction_id": other_id,
+                "connector": other.get("connector"),
+                "start": other.get("start"),
+            }
+        return Outcome(
+            EVENT_UNMATCHED_EVENT, {k: v for k, v in fields.items() if v is not None}
+        )
+
     # --- receipts ---------------------------------------------------------------------
 
     def _receipt(
@@ -211,8 +259,8 @@ def _energy(start: str | None, stop: str | None, flags: list[str]) -> str | None
         flags.append("energy_unknown")
         return None
     try:
-        energy = Decimal(stop) - Decimal(start)
-    except InvalidOperation:
+        energy = _EXACT.subtract(Decimal(stop), Decimal(start))
+    except DecimalException:
         flags.append("energy_unknown")
         return None
     if energy < 0:

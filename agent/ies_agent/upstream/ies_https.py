@@ -18,8 +18,9 @@ data-sharing contract)::
                               "evidence": <the evidence batch, payload.py>}}]}}}
 
 The MeterData profiles are built from the entries (``ies_agent.upstream.meterdata``);
-the ``evidence`` part carries the entries byte for byte with their checkpoints, so the
-receiver can verify every value against the gateway's key.
+the ``evidence`` part carries the entries (the log lines spliced in as JSON objects;
+see ``ies_agent.upstream.payload``) with their checkpoints, so the receiver can verify
+every value against the gateway's key.
 
 Two modes (DESIGN section 6): ``adapter`` posts to an operator's Beckn adapter over
 mutual TLS (client certificate), which signs for the network; ``direct`` signs every

@@ -6,8 +6,10 @@ Topics, all under ``{prefix}/{gateway id}/``:
 topic               QoS    retain  what
 ==================  =====  ======  =====================================================
 ``evidence``        1      no      evidence batches (``ies_agent.upstream.payload``)
-``status``          1      yes     ``{"state": "online"|"offline", ...}``; the last
-                                   will sets it ``offline`` when the link dies
+``status``          1      yes     ``{"state": "online"|"offline", "t", "acked",
+                                   ...}`` (``t`` UTC text as in evidence, ``acked``
+                                   the cursor); the last will sets it ``offline``
+                                   when the link dies
 ``telemetry``       0      no      live values every ``telemetry_s``; dropped while a
                                    backlog is replayed or the disk alarm is on
 ``ack``             1      --      inbound: a collector's ``{"upto": N}``
@@ -202,7 +204,7 @@ class MqttTransport:
             qos=1,
             retain=True,
         )
-        return aiomqtt.Client(
+        client = aiomqtt.Client(
             self.host,
             self.port,
             username=config.username,
@@ -219,6 +221,10 @@ class MqttTransport:
             max_inflight_messages=max(config.inflight, 2) + 2,
             max_queued_incoming_messages=1000,
         )
+        # aiomqtt bounds the wait for CONNACK by ``timeout``; the TCP connect and
+        # TLS handshake before it are paho's, 5 s unless told: bound them alike.
+        client._client.connect_timeout = config.timeout_s
+        return client
 
     def _password(self) -> str | None:
         path = self.config.password_file

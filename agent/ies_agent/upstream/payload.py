@@ -8,9 +8,13 @@ files, the ``evidence`` part of IES requests): one JSON object, keys sorted::
      "first": 1000, "gw": "gw-0001", "kind": "evidence", "last": 1041,
      "origin": "ies-agent/gw-0001/log-1", "v": 1}
 
-``entries`` holds the log's lines byte for byte (canonical JSON, each with its
-``seq``), contiguous from ``first`` to ``last``; it may be empty (``last`` is then
-``first - 1``) when a message carries only checkpoints. ``checkpoints`` are lines of
+``entries`` holds the entries as JSON objects (each with its ``seq``), contiguous
+from ``first`` to ``last``; it may be empty (``last`` is then ``first - 1``) when a
+message carries only checkpoints. The encoder splices the log lines in unchanged, so
+the message text contains every line's bytes; a receiver that parses the message
+gets objects and recovers the exact lines by canonical re-encoding (RFC 8785 for
+this subset: sorted keys, no whitespace, UTF-8 unescaped), as :func:`decode_batch`
+does. ``checkpoints`` are lines of
 ``checkpoints.jsonl`` not yet delivered, sent as soon as they are made; a checkpoint
 may arrive before the entries it covers. Re-sent batches after an outage repeat
 entries; a collector keeps one copy per ``seq``.

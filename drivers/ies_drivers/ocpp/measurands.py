@@ -14,12 +14,21 @@ for what was odd about it. The rules are data in ``configs/ocpp/measurands.toml`
   keeps the value as sent, gets no OBIS code and is never treated as a register;
 - line-to-neutral phases (``L1-N``) share the OBIS code of the phase (``L1``);
 - charger-signed data (1.6 ``format: SignedData``, 2.x ``signedMeterValue``) is kept
-  byte-exact in :class:`SignedValue`.
+  byte-exact in :class:`SignedValue`;
+- a number is kept only within bounds (:func:`plain_number`): at most
+  :data:`MAX_SIGNIFICANT_DIGITS` digits, magnitude below ``10**MAX_MAGNITUDE_DIGITS``
+  and at most :data:`MAX_FRACTION_DIGITS` decimals in the base unit, a 2.x multiplier
+  within ``±MAX_MULTIPLIER``. Anything else (``1e100000``) is flagged ``value out of
+  range`` and carries no value, so a charger cannot bloat the evidence log nor make
+  the arithmetic overflow.
 
 Errors::
 
     MeasurandTableError   the table file is unusable; ``problems`` lists every
                           (file, line, key, message) found
+    NumberError           a charger's number cannot be kept (ValueError)
+    ├── NotANumber        not a decimal number at all ("abc", NaN, true)
+    └── NumberOutOfRange  a number, but outside the bounds above
 """
 
 from __future__ import annotations
@@ -27,7 +36,16 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from decimal import Decimal, InvalidOperation
+from decimal import (
+    Context,
+    Decimal,
+    DecimalException,
+    Inexact,
+    InvalidOperation,
+    Overflow,
+    Rounded,
+    Underflow,
+)
 from pathlib import Path
 from typing import Any
 
@@ -48,9 +66,41 @@ FLAG_UNIT_ASSUMED = "unit assumed"
 FLAG_UNKNOWN_UNIT = "unknown unit"
 FLAG_UNKNOWN_MEASURAND = "unknown measurand"
 FLAG_NOT_A_NUMBER = "value is not a number"
+FLAG_OUT_OF_RANGE = "value out of range"
+MAX_SIGNIFICANT_DIGITS = 20
+"""Most digits a meter value may carry (a 20-digit register is far beyond any meter)."""
+MAX_MAGNITUDE_DIGITS = 15
+"""A value in its base unit is below ``10**15`` in magnitude (1 EWh, 1 PV, 1 PA)."""
+MAX_FRACTION_DIGITS = 12
+"""Most decimals a value keeps in its base unit (pWh, pV: below any meter's class)."""
+MAX_MULTIPLIER = 24
+"""Largest power of ten a 2.x ``unitOfMeasure.multiplier`` may give, either way."""
+_MAX_RAW_EXPONENT = MAX_MAGNITUDE_DIGITS + 2 * MAX_MULTIPLIER
+"""A number as sent lies within ``10**±63`` before its unit is applied."""
+_MAX_TEXT = 64
+"""Longest numeric text parsed at all; longer ones are out of range unread."""
+_EXACT = Context(
+    prec=60,
+    Emin=-999,
+    Emax=999,
+    traps=[InvalidOperation, Overflow, Underflow, Inexact, Rounded],
+)
+"""Arithmetic on bounded charger numbers: exact or it raises (never rounds)."""
 
 _NUMBER = re.compile(r"[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?")
 _OBIS = re.compile(r"\d+-\d+:\d+\.\d+\.\d+(\*\d+)?")
+
+
+class NumberError(ValueError):
+    """A number from a charger that cannot be kept as a meter value."""
+
+
+class NotANumber(NumberError):
+    """The value is not a decimal number (text, NaN, a boolean, an object)."""
+
+
+class NumberOutOfRange(NumberError):
+    """The value is a number outside the bounds a meter value may have."""
 
 
 class MeasurandTableError(ValueError):
@@ -163,7 +213,7 @@ class MeasurandTable:
         flags: list[str] = []
         spec = self.measurands.get(measurand)
         if spec is None:
-            flags.append(f"{FLAG_UNKNOWN_MEASURAND} {measurand!r}")
+            flags.append(f"{FLAG_UNKNOWN_MEASURAND} {_shown(measurand)}")
 
         # The unit and its power of ten (2.x: multiplier in unitOfMeasure).
         multiplier = 0
@@ -191,13 +241,16 @@ class MeasurandTable:
         raw_value = sampled.get("value")
         number: Decimal | None = None
         if not (version.is_16 and signed is not None):
-            number = _decimal(raw_value)
-            if number is None:
-                flags.append(f"{FLAG_NOT_A_NUMBER}: {raw_value!r}")
+            try:
+                number = decimal_number(raw_value)
+            except NotANumber:
+                flags.append(f"{FLAG_NOT_A_NUMBER}: {_shown(raw_value)}")
+            except NumberOutOfRange as exc:
+                flags.append(f"{FLAG_OUT_OF_RANGE}: {exc}")
 
         unit_spec = self.units.get(unit_name)
         if unit_spec is None:
-            flags.append(f"{FLAG_UNKNOWN_UNIT} {unit_name!r}")
+            flags.append(f"{FLAG_UNKNOWN_UNIT} {_shown(unit_name)}")
         consistent = (
             spec is not None
             and unit_spec is not None
@@ -209,7 +262,7 @@ class MeasurandTable:
                 f"{unit_name} is {unit_spec.dimension}"
             )
         if consistent and unit_spec is not None and spec is not None:
-            value = _scaled(number, unit_spec.exponent + multiplier)
+            value = _scaled(number, unit_spec.exponent + multiplier, flags)
             return SampledValue(
                 measurand=measurand,
                 value=value,
@@ -224,7 +277,7 @@ class MeasurandTable:
             )
         return SampledValue(
             measurand=measurand,
-            value=_scaled(number, multiplier),
+            value=_scaled(number, multiplier, flags),
             unit=unit_name,
             phase=phase,
             location=location,
@@ -321,28 +374,119 @@ def _phase_key(phase: str | None) -> str:
     return phase
 
 
-def _decimal(value: Any) -> Decimal | None:
-    """Return ``value`` (a numeric string or JSON number) as an exact Decimal."""
+def decimal_number(value: Any) -> Decimal:
+    """Return a charger's number (numeric text or JSON number) as an exact Decimal.
+
+    Raises :class:`NotANumber` for anything that is not a finite decimal number and
+    :class:`NumberOutOfRange` for one with more than :data:`MAX_SIGNIFICANT_DIGITS`
+    digits or beyond ``10**±63`` (no unit brings that into range; the bounds in
+    the base unit are :func:`plain_number`'s).
+    Long text is refused before it is parsed, so no input costs more than a glance.
+    """
     if isinstance(value, bool):
-        return None
-    if isinstance(value, int | Decimal):
+        raise NotANumber(f"{_shown(value)} is not a number")
+    if isinstance(value, int):
+        if value.bit_length() > 64:
+            raise NumberOutOfRange(f"{_shown(value)} has too many digits")
         number = Decimal(value)
+    elif isinstance(value, Decimal):
+        number = value
     elif isinstance(value, str) and _NUMBER.fullmatch(value.strip()):
+        if len(value) > _MAX_TEXT:
+            raise NumberOutOfRange(
+                f"{_shown(value)} is {len(value)} characters, at most {_MAX_TEXT}"
+            )
         try:
             number = Decimal(value.strip())
-        except InvalidOperation:
-            return None
+        except DecimalException:
+            raise NumberOutOfRange(f"{_shown(value)} is out of range") from None
     else:
-        return None
-    return number if number.is_finite() else None
+        raise NotANumber(f"{_shown(value)} is not a number")
+    if not number.is_finite():
+        raise NotANumber(f"{_shown(value)} is not a finite number")
+    _check_bounds(number, value)
+    return number
 
 
-def _scaled(number: Decimal | None, exponent: int) -> str | None:
-    """Return ``number * 10^exponent`` as a plain decimal string (no exponent)."""
+def plain_number(value: Any, exponent: int = 0) -> str:
+    """Return ``value * 10**exponent`` as a plain decimal string (no exponent).
+
+    ``value`` is checked by :func:`decimal_number`; the scaled result must also lie
+    within the bounds (magnitude, :data:`MAX_FRACTION_DIGITS` decimals). Raises
+    :class:`NotANumber` or :class:`NumberOutOfRange`; never an arithmetic error.
+    """
+    return _plain(decimal_number(value), exponent, value)
+
+
+def _check_bounds(number: Decimal, shown: Any) -> None:
+    digits = number.as_tuple().digits
+    significant = len(digits) - next(
+        (i for i, d in enumerate(digits) if d), len(digits)
+    )
+    if significant > MAX_SIGNIFICANT_DIGITS:
+        raise NumberOutOfRange(
+            f"{_shown(shown)} has {significant} significant digits, "
+            f"at most {MAX_SIGNIFICANT_DIGITS}"
+        )
+    if number and abs(number.adjusted()) >= _MAX_RAW_EXPONENT:
+        raise NumberOutOfRange(
+            f"{_shown(shown)} is beyond 10^±{_MAX_RAW_EXPONENT} in any unit"
+        )
+
+
+def _plain(number: Decimal, exponent: int, shown: Any) -> str:
+    """``number * 10**exponent`` as plain text, bounds checked; see plain_number."""
+    if abs(exponent) > 2 * MAX_MULTIPLIER:
+        raise NumberOutOfRange(f"power of ten {exponent} is out of range")
+    if _exponent(number) < -(_MAX_TEXT + 2 * MAX_MULTIPLIER):
+        raise NumberOutOfRange(f"{_shown(shown)} has too many decimals")
+    try:
+        scaled = number.scaleb(exponent, context=_EXACT)
+        if _exponent(scaled) < -MAX_FRACTION_DIGITS:
+            # Trailing zeros of the fraction are no information: drop them.
+            scaled = scaled.normalize(context=_EXACT)
+    except DecimalException:
+        raise NumberOutOfRange(f"{_shown(shown)} cannot be scaled exactly") from None
+    if _exponent(scaled) < -MAX_FRACTION_DIGITS:
+        raise NumberOutOfRange(
+            f"{_shown(shown)} has more than {MAX_FRACTION_DIGITS} decimals "
+            "in the base unit"
+        )
+    if scaled and scaled.adjusted() >= MAX_MAGNITUDE_DIGITS:
+        raise NumberOutOfRange(
+            f"{_shown(shown)} is 10^{MAX_MAGNITUDE_DIGITS} or more in the base unit"
+        )
+    text = format(scaled, "f")
+    return "0" if text == "-0" else text
+
+
+def _exponent(number: Decimal) -> int:
+    """The exponent of a finite Decimal (``1.25`` → -2)."""
+    exponent = number.as_tuple().exponent
+    return exponent if isinstance(exponent, int) else 0
+
+
+def _scaled(number: Decimal | None, exponent: int, flags: list[str]) -> str | None:
+    """Return ``number * 10^exponent`` as plain text; a bound broken is flagged."""
     if number is None:
         return None
-    text = format(number.scaleb(exponent), "f")
-    return "0" if text == "-0" else text
+    try:
+        return _plain(number, exponent, number)
+    except NumberOutOfRange as exc:
+        flags.append(f"{FLAG_OUT_OF_RANGE}: {exc}")
+        return None
+
+
+def _shown(value: Any) -> str:
+    """``repr`` of a charger's value, cut so that a note stays short."""
+    if (
+        isinstance(value, int)
+        and not isinstance(value, bool)
+        and value.bit_length() > 64
+    ):
+        return f"<integer of {value.bit_length()} bits>"
+    text = str(value) if isinstance(value, Decimal) else repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def _signed(sampled: Mapping[str, Any], version: OcppVersion) -> SignedValue | None:

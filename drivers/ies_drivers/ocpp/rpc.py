@@ -312,12 +312,15 @@ def parse_frame(text: str | bytes, quirks: FrameQuirks | None = None) -> Parsed:
         raise FrameError(
             ErrorCode.RPC_FRAMEWORK_ERROR, f"not valid JSON: {exc}", UNKNOWN_ID
         ) from None
-    if not isinstance(frame, list) or not frame:
-        kind = type(frame).__name__
+    if not isinstance(frame, list):
         raise FrameError(
             ErrorCode.RPC_FRAMEWORK_ERROR,
-            f"an OCPP-J frame is a JSON array, got a JSON {kind}",
+            f"an OCPP-J frame is a JSON array, got {_json_kind(frame)}",
             UNKNOWN_ID,
+        )
+    if not frame:
+        raise FrameError(
+            ErrorCode.RPC_FRAMEWORK_ERROR, "empty frame: no message type", UNKNOWN_ID
         )
     warnings: list[str] = []
     type_id = frame[0]
@@ -333,6 +336,21 @@ def parse_frame(text: str | bytes, quirks: FrameQuirks | None = None) -> Parsed:
         f"message type {type_id!r} is not 2 (CALL), 3 (CALLRESULT) or 4 (CALLERROR)",
         unique_id,
     )
+
+
+def _json_kind(value: Any) -> str:
+    """Name ``value`` as JSON does: an object, a string, a number, true, null."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, dict):
+        return "a JSON object"
+    if isinstance(value, str):
+        return "a JSON string"
+    if isinstance(value, list):
+        return "a JSON array"
+    return "a JSON number"
 
 
 def _message_id(
@@ -381,7 +399,7 @@ def _payload(
         return {}
     raise FrameError(
         ErrorCode.FORMAT_VIOLATION,
-        f"{what} payload must be a JSON object, got {type(value).__name__}",
+        f"{what} payload must be a JSON object, got {_json_kind(value)}",
         unique_id,
     )
 
