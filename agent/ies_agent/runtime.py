@@ -282,8 +282,6 @@ async def run_site(
                 await dispatch.close()  # revert whatever is still limited
             except Exception:
                 log.exception("dispatch did not close cleanly")
-        with contextlib.suppress(Exception):
-            await operator.close()
         for bus in buses.values():
             with contextlib.suppress(Exception):
                 await bus.close()
@@ -296,6 +294,9 @@ async def run_site(
             evidence.close()
         finally:
             await upstreams.finish(upstream_wait_s)
+            # Last: the status file then shows what the upstreams finally took.
+            with contextlib.suppress(Exception):
+                await operator.close()
     return RunResult(
         data_dir, evidence.size, scheduler.intervals_done, evidence.last_checkpoint
     )
