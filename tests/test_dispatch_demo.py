@@ -70,7 +70,7 @@ def test_demo_runs_a_signed_dispatch_end_to_end(tmp_path: Path) -> None:
 
     # The decision carries the clause trace of the demo pack.
     (decision,) = _by(log, "dispatch_decision", event_id)
-    assert decision["accepted"] is True and decision["pack"] == "demo-site@1"
+    assert decision["accepted"] is True and decision["pack"] == "demo-generated@1"
     clauses = decision["clauses"]
     assert isinstance(clauses, list)
     assert {c["clause"] for c in clauses} >= {"INST-EXPORT", "PV-MIN", "EV-MIN"}
@@ -114,7 +114,7 @@ def test_demo_runs_a_signed_dispatch_end_to_end(tmp_path: Path) -> None:
     intervals = int(grid["intervals"])
     baseline, actual = result_mv["baseline"], result_mv["actual"]
     assert isinstance(baseline, list) and isinstance(actual, list)
-    assert len(baseline) == len(actual) == intervals == 6
+    assert len(baseline) == len(actual) == intervals == 4
     assert None not in baseline and None not in actual
     assert result_mv["simulated_history"] is True
     assert result_mv["method"] == "high-3-of-5/1"

@@ -37,5 +37,30 @@ def main(args: argparse.Namespace) -> int:
     except OSError as exc:
         print(f"ies-agent dispatch: cannot write the request: {exc.strerror}")
         return 1
-    print(f"opt-out of {args.event_id} requested ({path.name}); the agent acts on it")
+    print(f"opt-out of {args.event_id} requested ({path.name})")
+
+    # Say plainly when nothing will act on it soon.
+    import json
+
+    from ies_agent.commands.status import agent_holds_lock
+    from ies_agent.dispatch.engine import STATE_FILE
+
+    if agent_holds_lock(args.data_dir) is None:
+        print(
+            "warning: no agent is running on this data directory; the request waits "
+            "until one starts (an event that has ended by then is not affected)"
+        )
+        return 0
+    try:
+        active = json.loads((args.data_dir / STATE_FILE).read_text())
+    except (OSError, ValueError):
+        active = None
+    known = json.dumps(active) if active is not None else ""
+    if args.event_id not in known:
+        print(
+            f"warning: {args.event_id} is not an active event of the running agent; "
+            "check the id (ies-agent status, or the local page's dispatch list)"
+        )
+    else:
+        print("the running agent takes it within a second")
     return 0

@@ -39,6 +39,11 @@ def main(args: argparse.Namespace) -> int:
         pack = load_pack(args.file, load_trust(directories))
     except (PolicyPackError, AuthenticationError) as exc:
         print(f"ies-agent policy check: {exc}")
+        if not args.trust:
+            print(
+                "hint: the packs shipped in configs/policies/ are signed with the "
+                "clearly labelled test key: add --trust configs/trust/test"
+            )
         return 1
     until = format_utc(pack.effective_until) if pack.effective_until else "open-ended"
     print(

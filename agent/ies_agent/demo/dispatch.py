@@ -35,9 +35,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-DELAY_S = 15.0
+DELAY_S = 8.0
 """Seconds after the agent starts before the event is sent."""
-EVENT_S = 30
+EVENT_S = 20
 """About how long the event lasts (whole intervals, at least one)."""
 LIMIT_PCT = "50"
 CHARGE_A = "10"
@@ -276,7 +276,7 @@ def _time_ms(when: datetime) -> str:
 def _pack_body() -> dict[str, Any]:
     return {
         "format": "ies-policy-pack/1",
-        "id": "demo-site",
+        "id": "demo-generated",
         "version": 1,
         "effective_from": "2024-01-01T00:00:00Z",
         "note": "DEMO pack, signed at demo time by a key made in the data directory",
