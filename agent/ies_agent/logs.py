@@ -46,3 +46,7 @@ def setup_logging(level: str = "INFO") -> None:
     root.setLevel(level)
     # pymodbus logs every retry and transport hiccup; we report those ourselves.
     logging.getLogger("pymodbus").setLevel(logging.CRITICAL)
+    # The ocpp and websockets libraries log every message and connection at INFO;
+    # the central system logs what matters (connects, outages, refusals) itself.
+    for name in ("ocpp", "websockets"):
+        logging.getLogger(name).setLevel(logging.WARNING)
