@@ -21,6 +21,7 @@ import asyncio
 import contextlib
 import os
 import time
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
@@ -112,7 +113,7 @@ class LinkSettings:
 # --- channels -----------------------------------------------------------------------
 
 
-class _Channel:
+class _Channel(ABC):
     """Bytes in both directions, with a buffer the reader waits on."""
 
     def __init__(self, where: str) -> None:
@@ -160,8 +161,9 @@ class _Channel:
         self.buffer.clear()
         return data
 
+    @abstractmethod
     def write(self, data: bytes) -> None:
-        raise NotImplementedError
+        """Send ``data`` on the link; raise when the link is broken."""
 
     def close(self) -> None:
         self._broken(ConnectionResetError("closed"))

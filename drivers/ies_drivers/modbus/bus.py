@@ -40,6 +40,7 @@ import logging
 import os
 import random
 import time
+from abc import ABC, abstractmethod
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -269,7 +270,7 @@ class _UnitState:
 # --- links: byte pipes with a receive buffer ----------------------------------------
 
 
-class _Link:
+class _Link(ABC):
     """A byte pipe to the bus: ``write`` bytes, watch ``buffer`` grow.
 
     ``lost`` is set when the pipe broke; ``wait_data`` wakes on new bytes or loss.
@@ -280,13 +281,13 @@ class _Link:
         self.lost: BaseException | None = None
         self._waiter: asyncio.Future[bool] | None = None
 
+    @abstractmethod
     async def open(self, timeout_s: float) -> None:
         """Open the pipe within ``timeout_s``; raise ``OSError``/``TimeoutError``."""
-        raise NotImplementedError
 
+    @abstractmethod
     def write(self, data: bytes) -> None:
         """Send ``data``; raise :class:`TransportError` when the pipe is broken."""
-        raise NotImplementedError
 
     def close(self) -> None:
         """Close the pipe and wake a waiting reader."""
