@@ -40,7 +40,8 @@ from ies_drivers.dlms.server import (
 from ies_drivers.dlms.transport import DlmsClient, LinkSettings
 from ies_drivers.errors import DeviceBackedOff, DriverError
 from ies_drivers.reading import ReadingState
-from peers.dlms import EchoingMeterServer, Pty, SilentListener
+from peers.dlms import EchoingMeterServer, SilentListener
+from peers.ptys import SocatPair
 
 CLIENT_KEYS = security.SecurityKeys(
     demo_keys().block_cipher_key, demo_keys().authentication_key, b"IESGW001"
@@ -53,8 +54,8 @@ DAY_MS = 86_400_000
 
 
 @pytest.fixture
-def pty(tmp_path: Path) -> Iterator[Pty]:
-    pair = Pty(tmp_path).start()
+def pty(tmp_path: Path) -> Iterator[SocatPair]:
+    pair = SocatPair(tmp_path, "dlms").start()
     yield pair
     pair.stop()
 
@@ -107,7 +108,9 @@ async def test_wrapper_client_reads_with_each_security_level(
     assert session.ciphered == bool(settings.security_control)
 
 
-async def test_hdlc_on_a_pty_reads_a_day_of_block_load_in_segments(pty: Pty) -> None:
+async def test_hdlc_on_a_pty_reads_a_day_of_block_load_in_segments(
+    pty: SocatPair,
+) -> None:
     server = MeterServer(SimulatedMeter(history_days=1), max_info=128)
     await server.start_serial(pty.a)
     try:
@@ -125,7 +128,7 @@ async def test_hdlc_on_a_pty_reads_a_day_of_block_load_in_segments(pty: Pty) -> 
     assert len(responses) > 1  # and needs block transfer at a 1024-byte PDU
 
 
-async def test_hdlc_through_an_optical_probe_opening_mode_e(pty: Pty) -> None:
+async def test_hdlc_through_an_optical_probe_opening_mode_e(pty: SocatPair) -> None:
     server = MeterServer(mode_e=True)
     await server.start_serial(pty.a)
     try:
@@ -140,7 +143,7 @@ async def test_hdlc_through_an_optical_probe_opening_mode_e(pty: Pty) -> None:
     assert ident is not None and ident.mode_e and ident.baudrate == 9600
 
 
-async def test_hdlc_tolerates_the_echo_of_an_rs485_adapter(pty: Pty) -> None:
+async def test_hdlc_tolerates_the_echo_of_an_rs485_adapter(pty: SocatPair) -> None:
     server = EchoingMeterServer()
     await server.start_serial(pty.a)
     try:
@@ -289,7 +292,7 @@ async def test_read_gives_instantaneous_values_with_the_raw_apdu(
 
 @pytest.mark.parametrize("transport", ["wrapper", "hdlc"])
 async def test_catch_up_reads_a_day_of_block_load_marked_late(
-    transport: str, pty: Pty
+    transport: str, pty: SocatPair
 ) -> None:
     server = MeterServer(SimulatedMeter(history_days=2), ServerSecurity(max_pdu=1024))
     if transport == "wrapper":

@@ -47,16 +47,16 @@ from ies_drivers.dlms.server import (
     demo_keys,
 )
 from ies_drivers.dlms.transport import DlmsClient, LinkSettings
-from peers.dlms import Pty
 from peers.gurux_peer import IST, GuruxClient, GuruxMeter
+from peers.ptys import SocatPair
 
 IS15959 = load_profile("is15959")
 T = TypeVar("T")
 
 
 @pytest.fixture
-def pty(tmp_path: Path) -> Iterator[Pty]:
-    pair = Pty(tmp_path).start()
+def pty(tmp_path: Path) -> Iterator[SocatPair]:
+    pair = SocatPair(tmp_path, "dlms").start()
     yield pair
     pair.stop()
 
@@ -154,7 +154,9 @@ async def test_gurux_hls_gmac_with_suite0_encryption_reads_our_meter() -> None:
     assert 6 <= len(rows) <= 9  # two hours of 15-minute blocks, by selective access
 
 
-async def test_gurux_reads_our_meter_over_hdlc_on_a_pty_with_lls(pty: Pty) -> None:
+async def test_gurux_reads_our_meter_over_hdlc_on_a_pty_with_lls(
+    pty: SocatPair,
+) -> None:
     server = MeterServer()
     await server.start_serial(pty.a)
 
@@ -263,7 +265,9 @@ async def test_our_client_reads_a_gurux_meter_over_the_wrapper() -> None:
     check_gurux_meter(found, meter)
 
 
-async def test_our_client_reads_a_gurux_meter_over_hdlc_on_a_pty(pty: Pty) -> None:
+async def test_our_client_reads_a_gurux_meter_over_hdlc_on_a_pty(
+    pty: SocatPair,
+) -> None:
     meter = GuruxMeter(hdlc=True)
     meter.serve_serial(pty.a)
     try:

@@ -38,12 +38,12 @@ from peers.modbus import (
     ScriptedDevice,
     SeenRequest,
     SilentListener,
-    SocatPair,
     UnitFilterProxy,
     register_value,
     start_serial_server,
     start_tcp_server,
 )
+from peers.ptys import SocatPair
 
 BUS_LOG = "ies_drivers.modbus.bus"
 

@@ -15,56 +15,8 @@ from __future__ import annotations
 
 import asyncio
 import os
-import shutil
-import subprocess
-import time
-from pathlib import Path
 
 from ies_drivers.dlms.server import MeterServer
-
-
-class Pty:
-    """Two linked pseudo-terminals; what is written to ``a`` comes out of ``b``."""
-
-    def __init__(self, directory: Path) -> None:
-        self.a = str(directory / "dlms-a")
-        self.b = str(directory / "dlms-b")
-        self.process: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> Pty:
-        """Start socat and wait until both links exist."""
-        socat = shutil.which("socat")
-        if socat is None:
-            raise RuntimeError("socat is not installed: apt-get install -y socat")
-        self.process = subprocess.Popen(
-            [
-                socat,
-                "-d",
-                "-d",
-                f"pty,raw,echo=0,link={self.a}",
-                f"pty,raw,echo=0,link={self.b}",
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        deadline = time.monotonic() + 5
-        while not (os.path.exists(self.a) and os.path.exists(self.b)):
-            if time.monotonic() > deadline or self.process.poll() is not None:
-                self.stop()
-                raise RuntimeError("socat did not create the pty pair")
-            time.sleep(0.01)
-        return self
-
-    def stop(self) -> None:
-        """Stop socat by its pid."""
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        self.process = None
 
 
 class EchoingMeterServer(MeterServer):

@@ -3,7 +3,7 @@
 - :func:`start_tcp_server` / :func:`start_serial_server`: pymodbus 3.16 servers (Modbus
   TCP, RTU over TCP, RTU on a serial port) in the test's event loop, recording every
   request they receive through pymodbus's ``trace_pdu`` hook.
-- :class:`SocatPair`: two linked pseudo-terminals from ``socat``, stopped by pid.
+- :class:`peers.ptys.SocatPair`: the serial line these servers sit on.
 - :class:`ScriptedDevice`: a small device of our own that misbehaves on purpose (echo,
   garbage, wrong unit id, short answer, bad CRC, any exception code, silence), speaking
   RTU on a pty or over TCP, or Modbus TCP. Its CRC comes from pymodbus, not from the
@@ -21,12 +21,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import shutil
-import subprocess
 import time
 from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Literal
 
 from pymodbus.framer import FramerType
@@ -135,52 +132,6 @@ async def start_serial_server(
     )
     await handle.server.serve_forever(background=True)
     return handle
-
-
-class SocatPair:
-    """Two linked pseudo-terminals (``socat pty,raw,echo=0 pty,raw,echo=0``).
-
-    What is written to ``a`` comes out of ``b`` and back, like the two ends of a null
-    modem cable. The socat process is stopped by its pid.
-    """
-
-    def __init__(self, directory: Path) -> None:
-        self.a = str(directory / "tty-a")
-        self.b = str(directory / "tty-b")
-        self.process: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> SocatPair:
-        """Start socat and wait until both links exist."""
-        socat = shutil.which("socat")
-        if socat is None:
-            raise RuntimeError("socat is not installed: apt-get install -y socat")
-        self.process = subprocess.Popen(
-            [
-                socat,
-                f"pty,raw,echo=0,link={self.a}",
-                f"pty,raw,echo=0,link={self.b}",
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        deadline = time.monotonic() + 5
-        while not (os.path.exists(self.a) and os.path.exists(self.b)):
-            if time.monotonic() > deadline or self.process.poll() is not None:
-                self.stop()
-                raise RuntimeError("socat did not create the pty pair")
-            time.sleep(0.01)
-        return self
-
-    def stop(self) -> None:
-        """Stop the socat process by its pid."""
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        self.process = None
 
 
 def rtu_crc(frame: bytes) -> bytes:
