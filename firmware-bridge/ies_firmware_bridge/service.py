@@ -242,6 +242,10 @@ class Bridge:
             # The socket is open to every local user (the agent runs as another
             # user than this DynamicUser service); only the agent may talk to it.
             log.warning("refused a control connection from uid %s", peer)
+            # Take the caller's first line (briefly), then answer and close, so the
+            # refusal reaches it rather than a broken pipe.
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(reader.readline(), 1.0)
             writer.write(_line({"ok": False, "error": "not allowed"}))
             with contextlib.suppress(Exception):
                 await writer.drain()
